@@ -1,0 +1,446 @@
+"""Stochastic-depth ResNets: the CIFAR/SVHN family and the ImageNet bottleneck family.
+
+Paper: `Deep Networks with Stochastic Depth` - https://arxiv.org/abs/1603.09382 (Huang et al., ECCV 2016).
+
+The CIFAR/SVHN networks are the 6n+2-layer post-activation ResNets of He et al. (16/32/64 filters, option-A
+shortcuts: 1x1 stride-2 average pooling then zero-padded channels, as in fb.resnet.torch and the authors'
+Torch7 code). The ImageNet networks use timm's / torchvision's layer names, so their weights load strictly
+from ``resnet50/101/152`` and evaluate to the same outputs.
+
+Unlike a mask-multiply drop path, a residual block dropped in ``block`` mode does not run its branch at all:
+the saving in training time is real. The rule itself lives in :mod:`sd_zoo.stochastic_depth`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from .stochastic_depth import GateScale, Schedule, StochasticDepth
+
+__all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck']
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+SVHN_MEAN = (0.4377, 0.4438, 0.4728)
+SVHN_STD = (0.1980, 0.2010, 0.1970)
+
+
+class _SDBlock(nn.Module):
+    """Gate handling shared by both block types: ``act(shortcut(x) + scale * branch(x))``."""
+
+    def __init__(self, stochastic_depth: StochasticDepth, sd_index: int):
+        super().__init__()
+        self.stochastic_depth = stochastic_depth
+        self.sd_index = sd_index
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.stochastic_depth.gate(self.sd_index, x, self.training)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not _is_dropped(scale):
+            # the gate is an argument, so the recomputation in backward uses the same draw
+            return checkpoint(self.combine, x, scale, use_reentrant=False)
+        return self.combine(x, scale)
+
+    def combine(self, x: torch.Tensor, scale: GateScale) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        if _is_dropped(scale):
+            # x is the output of a ReLU, so a dropped identity block is exactly x
+            return shortcut if self.downsample is None else self.act_out(shortcut)
+        if isinstance(scale, torch.Tensor):
+            return self.act_out(torch.addcmul(shortcut, self.branch(x), scale))
+        return self.act_out(torch.add(shortcut, self.branch(x), alpha=scale))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def branch_norm(self) -> nn.BatchNorm2d:
+        raise NotImplementedError
+
+
+def _is_dropped(scale: GateScale) -> bool:
+    return isinstance(scale, float) and scale == 0.0
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by 1x1 average pooling, then zero-pad the new channels (no parameters)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.extra_chs = out_chs - in_chs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, kernel_size=1, stride=self.stride)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra_chs))
+
+
+class SDBasicBlock(_SDBlock):
+    """conv3x3-BN-ReLU-conv3x3-BN, add, ReLU; option-A shortcut when the shape changes (CIFAR/SVHN)."""
+    expansion = 1
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int,
+            stochastic_depth: StochasticDepth,
+            sd_index: int,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        super().__init__(stochastic_depth, sd_index)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.act_out = act_layer(inplace=True)
+        reshape = stride != 1 or inplanes != planes
+        self.downsample = PadShortcut(inplanes, planes, stride) if reshape else None
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+
+    def branch_norm(self) -> nn.BatchNorm2d:
+        return self.bn2
+
+
+class SDBottleneck(_SDBlock):
+    """1x1-3x3-1x1 bottleneck, stride on the 3x3, projection shortcut when the shape changes (ImageNet)."""
+    expansion = 4
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int,
+            stochastic_depth: StochasticDepth,
+            sd_index: int,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        super().__init__(stochastic_depth, sd_index)
+        outplanes = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.act1 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.act2 = act_layer(inplace=True)
+        self.conv3 = nn.Conv2d(planes, outplanes, 1, bias=False)
+        self.bn3 = norm_layer(outplanes)
+        self.act_out = act_layer(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != outplanes:
+            # 'downsample.0' / 'downsample.1': the key names of timm's and torchvision's weights
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), norm_layer(outplanes))
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.bn3(self.conv3(x))
+
+    def branch_norm(self) -> nn.BatchNorm2d:
+        return self.bn3
+
+
+BlockType = Type[Union[SDBasicBlock, SDBottleneck]]
+
+
+def make_stages(
+        block: BlockType,
+        layers: Sequence[int],
+        channels: Sequence[int],
+        inplanes: int,
+        stochastic_depth: StochasticDepth,
+        reduction: int,
+        **block_kwargs: Any,
+) -> Tuple[List[Tuple[str, nn.Sequential]], List[Dict[str, Any]]]:
+    """Build ``layer1..layerN``, numbering the blocks for the stochastic-depth schedule."""
+    stages, feature_info, sd_index = [], [], 0
+    for stage_idx, (num_blocks, planes) in enumerate(zip(layers, channels)):
+        stride = 1 if stage_idx == 0 else 2
+        reduction *= stride
+        blocks = []
+        for block_idx in range(num_blocks):
+            blocks.append(block(
+                inplanes, planes, stride if block_idx == 0 else 1, stochastic_depth, sd_index, **block_kwargs))
+            inplanes, sd_index = planes * block.expansion, sd_index + 1
+        name = f'layer{stage_idx + 1}'
+        stages.append((name, nn.Sequential(*blocks)))
+        feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=name))
+    return stages, feature_info
+
+
+class SDResNet(nn.Module):
+    """ResNet whose residual blocks follow one stochastic-depth schedule.
+
+    Args:
+        block: residual block type.
+        layers: number of blocks per stage.
+        channels: branch width of each stage (bottleneck: before expansion).
+        cifar_stem: 3x3 stride-1 stem without max pooling (32x32 inputs) instead of ImageNet's 7x7/2 + pool.
+        num_classes, in_chans, global_pool, drop_rate: as in timm.
+        drop_path_rate: 1 - p_L, drop probability of the last block (the paper's default 0.5).
+        drop_path_schedule: ``'linear'``, ``'uniform'`` or L survival probabilities.
+        drop_path_mode: ``'block'``, ``'sample'`` or ``'off'``.
+        drop_path_scaling: ``'train'`` (inverted) or ``'test'`` (the paper's).
+        drop_path_seed: seed of the gate generator (see :class:`StochasticDepth`).
+        zero_init_last: zero the last BatchNorm of each branch at init.
+    """
+
+    def __init__(
+            self,
+            block: BlockType,
+            layers: Sequence[int],
+            channels: Sequence[int] = (64, 128, 256, 512),
+            cifar_stem: bool = False,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.5,
+            drop_path_schedule: Schedule = 'linear',
+            drop_path_mode: str = 'block',
+            drop_path_scaling: str = 'train',
+            drop_path_seed: Optional[int] = None,
+            zero_init_last: bool = True,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.stochastic_depth = StochasticDepth(
+            sum(layers), drop_path_rate, drop_path_schedule, drop_path_mode, drop_path_scaling, drop_path_seed)
+
+        # Stem
+        inplanes = channels[0] if cifar_stem else 64
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(in_chans, inplanes, 3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_chans, inplanes, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(inplanes)
+        self.act1 = act_layer(inplace=True)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.feature_info = [dict(num_chs=inplanes, reduction=1 if cifar_stem else 2, module='act1')]
+
+        # Stages
+        stages, stage_info = make_stages(
+            block, layers, channels, inplanes, self.stochastic_depth, 1 if cifar_stem else 4,
+            act_layer=act_layer, norm_layer=norm_layer)
+        for name, stage in stages:
+            self.add_module(name, stage)
+        self.stage_names = tuple(name for name, _ in stages)
+        self.feature_info.extend(stage_info)
+
+        # Head
+        self.num_features = self.head_hidden_size = stage_info[-1]['num_chs']
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.init_weights(zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        if zero_init_last:
+            for block in self.sd_blocks():
+                nn.init.zeros_(block.branch_norm().weight)
+
+    def sd_blocks(self) -> Iterator[_SDBlock]:
+        """The residual blocks in schedule order (input side first)."""
+        for name in self.stage_names:
+            yield from getattr(self, name)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, str]:
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for block in self.sd_blocks():
+            block.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'fc' if name_only else self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        device = self.conv1.weight.device
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.fc.to(device)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stem (index 0) and of each stage (1..N), as in timm's ResNet."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported: SDResNet features are 'NCHW'")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        x = self.act1(self.bn1(self.conv1(x)))
+        intermediates = [x] if 0 in take_indices else []
+        x = self.maxpool(x)
+        stage_names = self.stage_names[:max_index] if stop_early else self.stage_names
+        for feat_idx, name in enumerate(stage_names, start=1):
+            x = getattr(self, name)(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Sequential())
+        if max_index < len(self.stage_names):
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < len(self.stage_names):
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    feature_cfg = dict(out_indices=(0, 1, 2, 3)) if kwargs.get('cifar_stem') else None
+    return build_model_with_cfg(SDResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+
+
+def _cifar_args(n: int) -> Dict[str, Any]:
+    """6n+2 layers: three stages of n basic blocks with 16/32/64 filters."""
+    return dict(block=SDBasicBlock, layers=(n, n, n), channels=(16, 32, 64), cifar_stem=True, zero_init_last=False)
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:1603.09382',
+        'paper_name': 'Deep Networks with Stochastic Depth',
+        **kwargs,
+    }
+
+
+def _cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
+    return _cfg(**{
+        'num_classes': 10, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'crop_pct': 1.0,
+        'mean': CIFAR10_MEAN, 'std': CIFAR10_STD, **kwargs})
+
+
+default_cfgs = generate_default_cfgs({
+    'sd_resnet20_cifar': _cifar_cfg(),
+    'sd_resnet32_cifar': _cifar_cfg(),
+    'sd_resnet44_cifar': _cifar_cfg(),
+    'sd_resnet56_cifar': _cifar_cfg(),
+    'sd_resnet110_cifar': _cifar_cfg(),
+    'sd_resnet1202_cifar': _cifar_cfg(),
+    'sd_resnet152_svhn': _cifar_cfg(mean=SVHN_MEAN, std=SVHN_STD),
+    'sd_resnet50': _cfg(),
+    'sd_resnet101': _cfg(),
+    'sd_resnet152': _cfg(),
+})
+
+
+@register_model
+def sd_resnet20_cifar(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-20 for 32x32 inputs (n = 3, 9 residual blocks) with stochastic depth."""
+    return _create_sd_resnet('sd_resnet20_cifar', pretrained, **dict(_cifar_args(3), **kwargs))
+
+
+@register_model
+def sd_resnet32_cifar(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-32 for 32x32 inputs (n = 5, 15 residual blocks) with stochastic depth."""
+    return _create_sd_resnet('sd_resnet32_cifar', pretrained, **dict(_cifar_args(5), **kwargs))
+
+
+@register_model
+def sd_resnet44_cifar(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-44 for 32x32 inputs (n = 7, 21 residual blocks) with stochastic depth."""
+    return _create_sd_resnet('sd_resnet44_cifar', pretrained, **dict(_cifar_args(7), **kwargs))
+
+
+@register_model
+def sd_resnet56_cifar(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-56 for 32x32 inputs (n = 9, 27 residual blocks) with stochastic depth."""
+    return _create_sd_resnet('sd_resnet56_cifar', pretrained, **dict(_cifar_args(9), **kwargs))
+
+
+@register_model
+def sd_resnet110_cifar(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-110 for 32x32 inputs (n = 18, 54 residual blocks): the paper's CIFAR network."""
+    return _create_sd_resnet('sd_resnet110_cifar', pretrained, **dict(_cifar_args(18), **kwargs))
+
+
+@register_model
+def sd_resnet1202_cifar(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-1202 for 32x32 inputs (n = 200, 600 residual blocks): the paper's deepest network."""
+    return _create_sd_resnet('sd_resnet1202_cifar', pretrained, **dict(_cifar_args(200), **kwargs))
+
+
+@register_model
+def sd_resnet152_svhn(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-152 for 32x32 SVHN digits (n = 25, 75 basic blocks): the paper's SVHN network."""
+    return _create_sd_resnet('sd_resnet152_svhn', pretrained, **dict(_cifar_args(25), **kwargs))
+
+
+@register_model
+def sd_resnet50(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-50 (bottleneck [3, 4, 6, 3]) with stochastic depth; weights interchangeable with timm's."""
+    return _create_sd_resnet('sd_resnet50', pretrained, **dict(block=SDBottleneck, layers=(3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def sd_resnet101(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-101 (bottleneck [3, 4, 23, 3]) with stochastic depth; weights interchangeable with timm's."""
+    return _create_sd_resnet('sd_resnet101', pretrained, **dict(block=SDBottleneck, layers=(3, 4, 23, 3), **kwargs))
+
+
+@register_model
+def sd_resnet152(pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    """ResNet-152 (bottleneck [3, 8, 36, 3]) with stochastic depth: the paper's ImageNet network."""
+    return _create_sd_resnet('sd_resnet152', pretrained, **dict(block=SDBottleneck, layers=(3, 8, 36, 3), **kwargs))

@@ -1,0 +1,197 @@
+"""Stochastic depth (Huang et al., ECCV 2016, arXiv:1603.09382): the rule, defined once.
+
+Every `sd_` model owns one :class:`StochasticDepth` controller that all its residual blocks share. It holds
+the per-block survival probabilities p_l, draws the gates from a generator of its own and tells each block
+how to combine its residual branch with the shortcut:
+
+* ``scale == 0.0``: the block is dropped, its branch is not computed at all (block mode, training);
+* a float: ``shortcut + scale * branch`` (1.0 for the plain ResNet, 1/p_l or p_l for the two scalings);
+* a tensor of shape (B, 1, 1, 1): a per-sample mask (sample mode, training).
+
+All gates of a forward pass come from a single draw, made when the first block asks for its gate, so
+gradient checkpointing (which passes the gate explicitly) and distributed ranks seeded alike see the same
+drops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    'MODES', 'SCALINGS', 'SCHEDULES', 'Schedule', 'GateScale', 'StochasticDepth',
+    'survival_probabilities', 'fold_test_scaling',
+]
+
+MODES = ('block', 'sample', 'off')
+SCALINGS = ('train', 'test')
+SCHEDULES = ('linear', 'uniform')
+
+Schedule = Union[str, Sequence[float]]
+GateScale = Union[float, torch.Tensor]
+
+
+def survival_probabilities(
+        num_blocks: int,
+        drop_path_rate: float = 0.5,
+        schedule: Schedule = 'linear',
+) -> List[float]:
+    """Survival probability p_l of each of ``num_blocks`` residual blocks, input side first.
+
+    ``drop_path_rate`` is 1 - p_L, the drop probability of the last block. ``linear`` is the paper's rule
+    p_l = 1 - (l / L) (1 - p_L) for l = 1..L (the first block is dropped too); ``uniform`` gives every
+    block p_L; a sequence gives the L probabilities explicitly and ``drop_path_rate`` is then ignored.
+    """
+    if isinstance(schedule, str):
+        if schedule not in SCHEDULES:
+            raise ValueError(
+                f"drop_path_schedule={schedule!r} is unknown: use one of {SCHEDULES} "
+                f"or a sequence of {num_blocks} survival probabilities in (0, 1]")
+        if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
+            raise ValueError(
+                f"drop_path_rate={drop_path_rate!r} is out of range: it is 1 - p_L, the drop probability of "
+                f"the last block, and must lie in [0, 1) (0 gives constant depth, the paper uses 0.5)")
+        if schedule == 'uniform':
+            return [1.0 - float(drop_path_rate)] * num_blocks
+        return [1.0 - (idx / num_blocks) * float(drop_path_rate) for idx in range(1, num_blocks + 1)]
+
+    probs = [float(p) for p in schedule]
+    if len(probs) != num_blocks:
+        raise ValueError(
+            f"drop_path_schedule has {len(probs)} survival probabilities but the model has {num_blocks} "
+            f"residual blocks: give exactly {num_blocks} values in (0, 1], input side first")
+    bad = [p for p in probs if not (0.0 < p <= 1.0) or math.isnan(p)]
+    if bad:
+        raise ValueError(
+            f"drop_path_schedule holds survival probabilities outside (0, 1]: {bad[:5]}; "
+            f"each value is the probability that a block is kept, so 0 < p <= 1")
+    return probs
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is unknown: use one of {tuple(allowed)}")
+    return value
+
+
+class StochasticDepth:
+    """Survival schedule, gate generator and combine rule shared by the blocks of one network.
+
+    Args:
+        num_blocks: number of residual blocks L.
+        drop_path_rate: 1 - p_L, in [0, 1).
+        schedule: ``'linear'`` (paper), ``'uniform'`` or a sequence of L survival probabilities.
+        mode: ``'block'`` (one draw per block per forward, dropped branches are skipped), ``'sample'``
+            (per-sample mask, branch always computed, one static graph) or ``'off'``.
+        scaling: ``'train'`` (inverted: survivors scaled by 1/p_l in training, eval is the plain ResNet)
+            or ``'test'`` (the paper's: branch scaled by p_l at eval).
+        seed: seed of the gate generator; ``None`` draws one from torch's global generator, so that
+            ``torch.manual_seed`` before model creation makes the drop sequence reproducible.
+    """
+
+    def __init__(
+            self,
+            num_blocks: int,
+            drop_path_rate: float = 0.5,
+            schedule: Schedule = 'linear',
+            mode: str = 'block',
+            scaling: str = 'train',
+            seed: Optional[int] = None,
+    ):
+        self.mode = _check_choice('drop_path_mode', mode, MODES)
+        self.scaling = _check_choice('drop_path_scaling', scaling, SCALINGS)
+        self.survival = survival_probabilities(num_blocks, drop_path_rate, schedule)
+        self.generator = torch.Generator()
+        self.manual_seed(int(torch.randint(2 ** 62, (1,)).item()) if seed is None else seed)
+        self.last_active: Optional[List[bool]] = None
+        self._scales: List[GateScale] = []
+        self._cursor = num_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.survival)
+
+    @property
+    def expected_depth(self) -> float:
+        """Expected number of residual blocks that run in a training step: sum of p_l."""
+        return math.fsum(self.survival)
+
+    @property
+    def is_active(self) -> bool:
+        """Whether training draws gates at all (a mode other than off and some p_l < 1)."""
+        return self.mode != 'off' and any(p < 1.0 for p in self.survival)
+
+    def manual_seed(self, seed: int) -> 'StochasticDepth':
+        """Seed the gate generator; ranks seeded alike drop the same blocks."""
+        self.generator.manual_seed(seed)
+        self._cursor = self.num_blocks
+        return self
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Generator state and position, for exact resume (``Accelerator.register_for_checkpointing``)."""
+        return {'generator': self.generator.get_state(), 'last_active': self.last_active}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.generator.set_state(state['generator'])
+        self.last_active = state['last_active']
+        self._cursor = self.num_blocks
+
+    def gate(self, index: int, x: torch.Tensor, training: bool) -> GateScale:
+        """How block ``index`` combines its branch with the shortcut for input ``x`` (see module doc)."""
+        if not training:
+            return self.survival[index] if self.scaling == 'test' and self.mode != 'off' else 1.0
+        if not self.is_active:
+            return 1.0
+        if self.mode == 'sample' and torch.compiler.is_compiling():
+            return self._traced_sample_mask(index, x)
+        if index <= self._cursor:  # a new forward pass began: one draw for all blocks
+            self._draw(x)
+        self._cursor = index
+        return self._scales[index]
+
+    def _draw(self, x: torch.Tensor) -> None:
+        probs = torch.tensor(self.survival, dtype=torch.float64)
+        inverse = self.scaling == 'train'
+        if self.mode == 'block':
+            keep = (torch.rand(self.num_blocks, generator=self.generator, dtype=torch.float64) < probs).tolist()
+            self.last_active = keep
+            self._scales = [(1.0 / p if inverse else 1.0) if k else 0.0 for k, p in zip(keep, self.survival)]
+            return
+        batch = x.shape[0]
+        keep = torch.rand(self.num_blocks, batch, generator=self.generator, dtype=torch.float64) < probs[:, None]
+        masks = keep.to(torch.float64) / probs[:, None] if inverse else keep.to(torch.float64)
+        masks = masks.to(device=x.device, dtype=x.dtype, non_blocking=True).view(self.num_blocks, batch, 1, 1, 1)
+        self.last_active = keep.any(dim=1).tolist()
+        self._scales = list(masks.unbind(0))
+
+    def _traced_sample_mask(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        # torch.compile cannot trace a torch.Generator: inside a compiled graph the per-sample masks come
+        # from torch's own (device) RNG, which keeps sample mode a single graph.
+        p = self.survival[index]
+        mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(p)
+        return mask / p if self.scaling == 'train' else mask
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(num_blocks={self.num_blocks}, mode={self.mode!r}, '
+                f'scaling={self.scaling!r}, expected_depth={self.expected_depth:.2f})')
+
+
+def fold_test_scaling(model: nn.Module) -> nn.Module:
+    """Turn a ``test``-scaled model into ``train`` scaling in place, with unchanged eval outputs.
+
+    Test scaling evaluates ``shortcut + p_l * branch``; the branch ends in a BatchNorm, whose affine
+    weight and bias absorb p_l exactly, so the plain ResNet (inverted scaling) computes the same function.
+    """
+    sd: StochasticDepth = model.stochastic_depth
+    if sd.scaling == 'train':
+        return model
+    folded = sd.survival if sd.mode != 'off' else [1.0] * sd.num_blocks  # off evaluates the plain ResNet
+    with torch.no_grad():
+        for block, p in zip(model.sd_blocks(), folded):
+            norm = block.branch_norm()
+            norm.weight.mul_(p)
+            norm.bias.mul_(p)
+    sd.scaling = 'train'
+    return model
