@@ -24,6 +24,7 @@ from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from .pretrained import with_published_weights
 from .stochastic_depth import GateScale, Schedule, StochasticDepth
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck']
@@ -197,7 +198,8 @@ class SDResNet(nn.Module):
         drop_path_mode: ``'block'``, ``'sample'`` or ``'off'``.
         drop_path_scaling: ``'train'`` (inverted) or ``'test'`` (the paper's).
         drop_path_seed: seed of the gate generator (see :class:`StochasticDepth`).
-        zero_init_last: zero the last BatchNorm of each branch at init.
+        zero_init_last: zero the last BatchNorm of each branch at init (timm's default; it keeps an untrained
+            1202-layer net finite in eval). ``False`` gives the paper's He initialisation.
     """
 
     def __init__(
@@ -351,7 +353,7 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 def _cifar_args(n: int) -> Dict[str, Any]:
     """6n+2 layers: three stages of n basic blocks with 16/32/64 filters."""
-    return dict(block=SDBasicBlock, layers=(n, n, n), channels=(16, 32, 64), cifar_stem=True, zero_init_last=False)
+    return dict(block=SDBasicBlock, layers=(n, n, n), channels=(16, 32, 64), cifar_stem=True)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -372,7 +374,8 @@ def _cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
         'mean': CIFAR10_MEAN, 'std': CIFAR10_STD, **kwargs})
 
 
-default_cfgs = generate_default_cfgs({
+# Published weights (sd_zoo/pretrained.py) become tags; the first tag with weights is the model's default.
+default_cfgs = generate_default_cfgs(with_published_weights({
     'sd_resnet20_cifar': _cifar_cfg(),
     'sd_resnet32_cifar': _cifar_cfg(),
     'sd_resnet44_cifar': _cifar_cfg(),
@@ -383,7 +386,7 @@ default_cfgs = generate_default_cfgs({
     'sd_resnet50': _cfg(),
     'sd_resnet101': _cfg(),
     'sd_resnet152': _cfg(),
-})
+}))
 
 
 @register_model

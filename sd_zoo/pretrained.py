@@ -1,0 +1,246 @@
+"""Published weights of the `sd_` models, as data: written once, read by the registry, the cards and the README.
+
+Each :class:`PublishedWeight` says where a weight lives on the Hugging Face Hub, what it was trained on and how,
+what it measured and where that number comes from. :func:`registry_cfgs` turns the list into the pretrained
+cfgs merged into ``sd_zoo.sd_resnet.default_cfgs``; :mod:`sd_zoo.cards` renders the model cards in
+``hub_cards/`` and :func:`readme_table` the README table from the same records, so no number is typed twice.
+
+Weights trained by this project keep their measured numbers in the run's ``results.json`` (``run_dir``), not
+here. The Hub organisation of this project's repositories comes from ``SD_ZOO_HUB_ORG`` (for mirrors).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = [
+    'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'PAPER', 'PAPER_RESULTS', 'Result', 'PublishedWeight', 'PUBLISHED',
+    'hub_org', 'published_weights', 'find_weight', 'with_published_weights', 'readme_table',
+]
+
+HUB_ORG_ENV = 'SD_ZOO_HUB_ORG'
+DEFAULT_HUB_ORG = 'sd-zoo'
+HF_WEIGHTS_FILE = 'model.safetensors'
+
+PAPER = ('Deep Networks with Stochastic Depth', 'https://arxiv.org/abs/1603.09382')
+RSB_PAPER = ('ResNet strikes back: An improved training procedure in timm', 'https://arxiv.org/abs/2110.00476')
+RESNET_PAPER = ('Deep Residual Learning for Image Recognition', 'https://arxiv.org/abs/1512.03385')
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured figure: ``metric`` (``top1``/``top5`` accuracy or ``error``, in %) on a split at a size."""
+    metric: str
+    value: float
+    dataset: str
+    split: str
+    img_size: int
+    source: str
+
+
+# The paper's numbers (Huang et al. 2016), typed once: (dataset id, setting) -> (constant depth, stochastic depth)
+# top-1 error in %. ImageNet figures are from the ECCV version and not verified here (see PAPER.md).
+PAPER_RESULTS: Dict[Tuple[str, str], Tuple[float, float]] = {
+    ('cifar10', 'ResNet-110, CIFAR-10+'): (6.41, 5.25),
+    ('cifar100', 'ResNet-110, CIFAR-100+'): (27.22, 24.58),
+    ('svhn', 'ResNet-152, SVHN'): (2.01, 1.75),
+    ('cifar10', 'ResNet-1202, CIFAR-10+'): (6.72, 4.91),
+    ('imagenet-1k', 'ResNet-152, ImageNet (90+ epochs, fb.resnet.torch recipe; approximate, ECCV version)'):
+        (21.8, 22.0),
+}
+
+
+@dataclass(frozen=True)
+class PublishedWeight:
+    """A weight file on the Hub for ``<model>.<tag>`` and everything a card says about it.
+
+    ``hub_repo`` is the repository name; ``hub_org`` fixes its owner (for weights hosted by others), otherwise
+    the project's organisation (``SD_ZOO_HUB_ORG``) is used. ``revision`` pins a 40-hex commit once known.
+    ``results`` hold figures measured elsewhere (with their source); a project run keeps its own in
+    ``run_dir/results.json`` instead.
+    """
+    model: str
+    tag: str
+    hub_repo: str
+    trained_by: str
+    dataset: str
+    dataset_id: str
+    data_cfg: Dict[str, Any]
+    recipe: Tuple[str, ...]
+    train_command: str
+    stochastic_depth: str
+    provenance: str
+    hub_org: Optional[str] = None
+    revision: Optional[str] = None
+    license: str = 'apache-2.0'
+    papers: Tuple[Tuple[str, str], ...] = (PAPER,)
+    results: Tuple[Result, ...] = ()
+    run_dir: Optional[str] = None
+    paper_ids: str = 'arXiv:1603.09382'
+    extra_citations: Tuple[str, ...] = ()
+    notes: Tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return f'{self.model}.{self.tag}'
+
+    @property
+    def repo_id(self) -> str:
+        return f'{self.hub_org or hub_org()}/{self.hub_repo}'
+
+    @property
+    def hf_hub_id(self) -> str:
+        """Full ``org/repo`` id for timm, pinned as ``org/repo@<commit>`` once a revision is known."""
+        return f'{self.repo_id}@{self.revision}' if self.revision else self.repo_id
+
+    def pretrained_cfg(self) -> Dict[str, Any]:
+        """The weight facts timm needs (merged over the architecture's base cfg in ``sd_resnet``)."""
+        return {
+            **self.data_cfg,
+            'hf_hub_id': self.hf_hub_id,
+            'hf_hub_filename': HF_WEIGHTS_FILE,
+            'license': self.license,
+            'paper_ids': self.paper_ids,
+            'paper_name': self.papers[0][0],
+            'origin_url': f'https://huggingface.co/{self.repo_id}',
+        }
+
+
+def hub_org() -> str:
+    """The Hub organisation of this project's repositories (``SD_ZOO_HUB_ORG``, default ``sd-zoo``)."""
+    return os.environ.get(HUB_ORG_ENV, '').strip() or DEFAULT_HUB_ORG
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm's ImageNet ResNet-152 weights trained with (per-sample) stochastic depth. Their keys and shapes equal
+# sd_resnet152's, so they load strictly. Figures: timm's model cards (comparison table, ImageNet-1k val).
+# ----------------------------------------------------------------------------------------------------------
+_TIMM_RSB_DATA = dict(
+    num_classes=1000, input_size=(3, 224, 224), test_input_size=(3, 288, 288), pool_size=(7, 7),
+    crop_pct=0.95, test_crop_pct=1.0, interpolation='bicubic', mean=IMAGENET_MEAN, std=IMAGENET_STD,
+)
+_TIMM_SD = (
+    "timm's per-sample drop path (`timm.layers.DropPath`): every residual branch is multiplied by a per-image "
+    "Bernoulli mask scaled by 1/p (inverted scaling, so evaluation is the plain ResNet), with timm's ResNet "
+    "rule rate * idx / (N - 1) (first block never dropped), not the paper's per-batch block dropping. "
+)
+_TIMM_PROVENANCE = (
+    "These are timm's weights, not trained by sd_zoo: the file is `model.safetensors` from the Hugging Face "
+    "repository `{repo}` (also released as `{url}`), published by Ross Wightman with timm. sd_zoo only "
+    "registers them under `sd_resnet152` because their keys and shapes are identical, so they load strictly; "
+    "the numbers below are timm's, measured by timm, not re-measured here."
+)
+
+
+def _timm_rsb(
+        tag: str,
+        recipe: Tuple[str, ...],
+        sd_rate: str,
+        url: str,
+        results: Tuple[Tuple[str, float, int], ...],
+) -> PublishedWeight:
+    repo = f'resnet152.{tag}'
+    source = f"timm model card https://huggingface.co/timm/{repo} (model comparison table)"
+    return PublishedWeight(
+        model='sd_resnet152', tag=tag, hub_repo=repo, hub_org='timm', trained_by='timm',
+        dataset='ImageNet-1k', dataset_id='imagenet-1k', data_cfg=dict(_TIMM_RSB_DATA), recipe=recipe,
+        train_command=(
+            "Not published as one command; timm's `train.py` with the RSB hyper-parameters "
+            "(https://arxiv.org/abs/2110.00476, Table 1 for ResNet-50; see the recipe above)"),
+        stochastic_depth=_TIMM_SD + sd_rate,
+        provenance=_TIMM_PROVENANCE.format(repo=f'timm/{repo}', url=url),
+        papers=(RSB_PAPER, RESNET_PAPER, PAPER), paper_ids='arXiv:2110.00476',
+        results=tuple(Result(m, v, 'ImageNet-1k', 'validation', s, source) for m, v, s in results),
+        extra_citations=('rsb',),
+    )
+
+
+_RSB_RATE_UNKNOWN = (
+    "The RSB paper (Table 1) gives drop-path rate 0.05 for ResNet-50 in procedures A1 and A2 (none in A3); "
+    "the rate timm used for ResNet-152 is not published in timm's pretrained cfg, model card or paper."
+)
+
+PUBLISHED: Tuple[PublishedWeight, ...] = (
+    _timm_rsb(
+        'a1h_in1k',
+        ("Based on the ResNet Strikes Back (RSB) `A1` recipe: LAMB optimizer, BCE loss, cosine LR schedule "
+         "with warm-up, 600 epochs at 224 x 224",
+         "Stronger dropout, stochastic depth and RandAugment than the paper's `A1` recipe (timm's card)"),
+        _RSB_RATE_UNKNOWN + " The `A1h` recipe used a higher rate than `A1`, by timm's card; its value is "
+        "unpublished.",
+        'https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-rsb-weights/'
+        'resnet152_a1h-dc400468.pth',
+        (('top1', 82.8, 224), ('top5', 96.13, 224), ('top1', 83.46, 288), ('top5', 96.54, 288))),
+    _timm_rsb(
+        'a1_in1k',
+        ("ResNet Strikes Back (RSB) `A1` recipe: LAMB optimizer, BCE loss, cosine LR schedule with warm-up, "
+         "600 epochs at 224 x 224",),
+        _RSB_RATE_UNKNOWN,
+        'https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-rsb-weights/'
+        'resnet152_a1_0-2eee8a7a.pth',
+        (('top1', 81.97, 224), ('top5', 95.24, 224), ('top1', 82.74, 288), ('top5', 95.71, 288))),
+    _timm_rsb(
+        'a2_in1k',
+        ("ResNet Strikes Back (RSB) `A2` recipe: LAMB optimizer, BCE loss, cosine LR schedule with warm-up, "
+         "300 epochs at 224 x 224",),
+        _RSB_RATE_UNKNOWN,
+        'https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-rsb-weights/'
+        'resnet152_a2_0-b4c6978f.pth',
+        (('top1', 81.77, 224), ('top5', 95.22, 224), ('top1', 82.62, 288), ('top5', 95.75, 288))),
+    # Weights trained by this project are added here, one entry per run; `python -m sd_zoo.hub export --run
+    # <run_dir>` prints the entry to paste (data cfg read from the run, numbers left in its results.json).
+)
+
+
+def published_weights() -> Tuple[PublishedWeight, ...]:
+    return PUBLISHED
+
+
+def find_weight(name: str) -> Optional[PublishedWeight]:
+    """The published weight called ``<model>.<tag>``, or None."""
+    return next((w for w in PUBLISHED if w.name == name), None)
+
+
+def with_published_weights(base_cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """The cfgs for ``generate_default_cfgs``: one ``'<model>.<tag>'`` entry per published weight (the model's
+    base cfg updated with the weight's facts), then the untagged base cfg of every model without weights.
+
+    ``base_cfgs`` maps model names to their untagged cfg dicts (``sd_resnet`` passes its own).
+    """
+    out = {}
+    for weight in PUBLISHED:
+        if weight.model not in base_cfgs:
+            raise ValueError(f'published weight {weight.name} names an unknown model; known: {sorted(base_cfgs)}')
+        out[weight.name] = {**base_cfgs[weight.model], **weight.pretrained_cfg()}
+    with_weights = {w.model for w in PUBLISHED}
+    out.update({name: cfg for name, cfg in base_cfgs.items() if name not in with_weights})
+    return out
+
+
+def _headline(weight: PublishedWeight, run_results: Optional[Dict[str, Any]] = None) -> str:
+    results = list(weight.results)
+    if run_results is not None:
+        from .cards import run_figures  # cards imports this module: import late
+        results = run_figures(weight, run_results)
+    if not results:
+        return 'n/a'
+    return ', '.join(f'{r.metric} {r.value:g}% @ {r.img_size}' for r in results if r.metric in ('top1', 'error'))
+
+
+def readme_table(run_results: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
+    """Markdown table of every published weight (``run_results``: name -> a run's results.json, if any)."""
+    rows = ['| model | weights (Hub) | trained by | dataset | result |', '|---|---|---|---|---|']
+    for w in PUBLISHED:
+        res = (run_results or {}).get(w.name)
+        rows.append(
+            f'| `{w.name}` | [{w.repo_id}](https://huggingface.co/{w.repo_id}) | {w.trained_by} | {w.dataset} '
+            f'| {_headline(w, res)} |')
+    return '\n'.join(rows) + '\n'
+
+
+def names() -> List[str]:
+    return [w.name for w in PUBLISHED]
