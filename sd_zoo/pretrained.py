@@ -11,12 +11,13 @@ here. The Hub organisation of this project's repositories comes from ``SD_ZOO_HU
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
     'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'PAPER', 'PAPER_RESULTS', 'Result', 'PublishedWeight', 'PUBLISHED',
-    'hub_org', 'published_weights', 'find_weight', 'with_published_weights', 'readme_table',
+    'hub_org', 'published_weights', 'find_weight', 'with_published_weights', 'register_weight', 'readme_table',
 ]
 
 HUB_ORG_ENV = 'SD_ZOO_HUB_ORG'
@@ -61,7 +62,7 @@ class PublishedWeight:
     ``hub_repo`` is the repository name; ``hub_org`` fixes its owner (for weights hosted by others), otherwise
     the project's organisation (``SD_ZOO_HUB_ORG``) is used. ``revision`` pins a 40-hex commit once known.
     ``results`` hold figures measured elsewhere (with their source); a project run keeps its own in
-    ``run_dir/results.json`` instead.
+    ``run_dir/results.json`` instead, and ``baseline_run_dir`` names its constant-depth twin for the card.
     """
     model: str
     tag: str
@@ -80,9 +81,10 @@ class PublishedWeight:
     papers: Tuple[Tuple[str, str], ...] = (PAPER,)
     results: Tuple[Result, ...] = ()
     run_dir: Optional[str] = None
+    baseline_run_dir: Optional[str] = None
     paper_ids: str = 'arXiv:1603.09382'
     extra_citations: Tuple[str, ...] = ()
-    notes: Tuple[str, ...] = field(default=())
+    notes: Tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -96,6 +98,10 @@ class PublishedWeight:
     def hf_hub_id(self) -> str:
         """Full ``org/repo`` id for timm, pinned as ``org/repo@<commit>`` once a revision is known."""
         return f'{self.repo_id}@{self.revision}' if self.revision else self.repo_id
+
+    def data_config(self) -> Dict[str, Any]:
+        """The model's base cfg (``sd_resnet``) updated with this weight's data facts: what timm will use."""
+        return {**_BASE_CFGS.get(self.model, {}), **self.data_cfg}
 
     def pretrained_cfg(self) -> Dict[str, Any]:
         """The weight facts timm needs (merged over the architecture's base cfg in ``sd_resnet``)."""
@@ -132,7 +138,7 @@ _TIMM_PROVENANCE = (
     "These are timm's weights, not trained by sd_zoo: the file is `model.safetensors` from the Hugging Face "
     "repository `{repo}` (also released as `{url}`), published by Ross Wightman with timm. sd_zoo only "
     "registers them under `sd_resnet152` because their keys and shapes are identical, so they load strictly; "
-    "the numbers below are timm's, measured by timm, not re-measured here."
+    "the numbers above are timm's, measured by timm, not re-measured here."
 )
 
 
@@ -211,6 +217,7 @@ def with_published_weights(base_cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Di
 
     ``base_cfgs`` maps model names to their untagged cfg dicts (``sd_resnet`` passes its own).
     """
+    _BASE_CFGS.update(base_cfgs)
     out = {}
     for weight in PUBLISHED:
         if weight.model not in base_cfgs:
@@ -219,6 +226,29 @@ def with_published_weights(base_cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Di
     with_weights = {w.model for w in PUBLISHED}
     out.update({name: cfg for name, cfg in base_cfgs.items() if name not in with_weights})
     return out
+
+
+_BASE_CFGS: Dict[str, Dict[str, Any]] = {}
+
+
+def register_weight(weight: PublishedWeight) -> None:
+    """Add (or replace) a published weight at run time, e.g. a private fine-tune or a mirror's own repository.
+
+    The model's entrypoint is registered again with timm, so ``<model>.<tag>`` works at once; the first weight
+    listed for a model stays its default.
+    """
+    global PUBLISHED
+    from timm.models import generate_default_cfgs, register_model
+    from . import sd_resnet
+
+    if weight.model not in _BASE_CFGS:
+        raise ValueError(f'{weight.model} is not an sd_ model; known: {sorted(_BASE_CFGS)}')
+    PUBLISHED = tuple(w for w in PUBLISHED if w.name != weight.name) + (weight,)
+    cfgs = generate_default_cfgs(with_published_weights(dict(_BASE_CFGS)))
+    sd_resnet.default_cfgs[weight.model] = cfgs[weight.model]
+    with warnings.catch_warnings():  # timm warns on any re-registration; replacing the entry is the point here
+        warnings.simplefilter('ignore', UserWarning)
+        register_model(getattr(sd_resnet, weight.model))
 
 
 def _headline(weight: PublishedWeight, run_results: Optional[Dict[str, Any]] = None) -> str:
