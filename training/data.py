@@ -1,0 +1,362 @@
+"""Datasets of the paper's experiments (and Fashion-MNIST, the one reachable offline), read from their real formats.
+
+* Fashion-MNIST: IDX files (``.gz`` or not), default folder ``/usr/share/datasets/fashion-mnist`` (Debian
+  package ``dataset-fashion-mnist``), or torchvision's download.
+* CIFAR-10 / CIFAR-100: the python pickle batches (``cifar-10-batches-py`` / ``cifar-100-python``).
+* SVHN: ``train_32x32.mat``, ``extra_32x32.mat``, ``test_32x32.mat`` (needs scipy).
+* ImageNet: an ImageFolder tree with ``train/`` and ``val/``.
+
+Small datasets are held as uint8 tensors. Augmentation randomness is a function of (seed, epoch, index)
+only, never of a worker's or the process's RNG stream, so that a run resumed mid-epoch (or run with another
+number of workers or processes) sees exactly the same images.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+__all__ = ['DataError', 'DatasetBundle', 'TensorImageDataset', 'SeededTransformDataset', 'build_datasets',
+           'read_idx', 'DEFAULT_DATA_DIRS']
+
+DEFAULT_DATA_DIRS = {
+    'fashion_mnist': '/usr/share/datasets/fashion-mnist',
+    'cifar10': 'data/cifar10', 'cifar100': 'data/cifar100', 'svhn': 'data/svhn', 'imagenet': 'data/imagenet',
+}
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(RuntimeError):
+    """Missing or malformed dataset files; the message names the path and how to get the data."""
+
+
+@dataclass
+class DatasetBundle:
+    train: Dataset
+    val: Dataset
+    test: Optional[Dataset]  # None: the validation split is the reported one (ImageNet)
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_000_000_007 + index
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, C, H, W) + labels; normalised, with flip + pad-and-crop translation when augmenting.
+
+    As in fb.resnet.torch, images are normalised first and the padding is zeros (the mean colour).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 augment: bool = False, pad: int = 0, seed: int = 0):
+        self.images, self.labels = images, labels.long()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment, self.pad, self.seed, self.epoch = augment, pad, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        x = (self.images[index].float() / 255.0 - self.mean) / self.std
+        if self.augment:
+            rng = random.Random(_sample_seed(self.seed, self.epoch, index))
+            if rng.random() < 0.5:
+                x = x.flip(-1)
+            if self.pad:
+                h, w = x.shape[-2:]
+                x = torch.nn.functional.pad(x, (self.pad,) * 4)
+                top, left = rng.randint(0, 2 * self.pad), rng.randint(0, 2 * self.pad)
+                x = x[:, top:top + h, left:left + w]
+        return x.contiguous(), int(self.labels[index])
+
+
+class SeededTransformDataset(Dataset):
+    """Applies a torchvision transform under torch's RNG seeded by (seed, epoch, index) (ImageFolder data)."""
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int = 0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        img, label = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, self.epoch, index) % (2 ** 63))
+            return self.transform(img), label
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def _open_maybe_gz(path: Path) -> bytes:
+    opener = gzip.open if path.suffix == '.gz' else open
+    with opener(path, 'rb') as f:
+        return f.read()
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read one IDX file (the MNIST format): magic 0x0000 08 <ndim>, big-endian dims, then uint8 data."""
+    try:
+        data = _open_maybe_gz(path)
+    except (OSError, EOFError) as e:
+        raise DataError(f'{path}: cannot read this IDX file ({e}); re-download or reinstall the dataset') from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise DataError(f'{path}: not an uint8 IDX file (bad magic number {data[:4].hex()})')
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+    offset, expected = 4 + 4 * ndim, int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise DataError(f'{path}: truncated or malformed IDX file ({len(data) - offset} bytes of data for '
+                        f'shape {dims}); re-download or reinstall the dataset')
+    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy())
+
+
+def _find(root: Path, stem: str, how_to_get: str) -> Path:
+    for name in (stem, stem + '.gz'):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f'{root / stem}(.gz) not found. {how_to_get}')
+
+
+def _load_fashion_mnist(root: Path, download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    how = ('Install the Debian package dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist), '
+           'pass --data-dir to a folder with the four IDX files, or add --download (torchvision, needs internet).')
+    if download and not (root / 'train-images-idx3-ubyte.gz').is_file() and \
+            not (root / 'train-images-idx3-ubyte').is_file():
+        from torchvision.datasets import FashionMNIST
+        for train in (True, False):
+            FashionMNIST(str(root), train=train, download=True)
+        root = root / 'FashionMNIST' / 'raw'
+    splits = {}
+    for split, prefix in (('train', 'train'), ('test', 't10k')):
+        images = read_idx(_find(root, f'{prefix}-images-idx3-ubyte', how))
+        labels = read_idx(_find(root, f'{prefix}-labels-idx1-ubyte', how))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f'{root}: {prefix} images {tuple(images.shape)} and labels {tuple(labels.shape)} '
+                            f'do not match (expected (N, 28, 28) and (N,))')
+        splits[split] = (images.unsqueeze(1), labels)
+    return splits
+
+
+def _unpickle(path: Path, how: str) -> Dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f'{path} not found. {how}')
+    try:
+        with open(path, 'rb') as f:
+            return pickle.load(f, encoding='latin1')
+    except Exception as e:  # pickle raises many types on bad input
+        raise DataError(f'{path}: not a CIFAR python batch ({type(e).__name__}: {e}). {how}') from e
+
+
+def _load_cifar(root: Path, num_classes: int, download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    folder, label_key = ('cifar-10-batches-py', 'labels') if num_classes == 10 else ('cifar-100-python',
+                                                                                      'fine_labels')
+    how = (f'Pass --data-dir to the folder holding {folder}/ (the "python version" from '
+           f'https://www.cs.toronto.edu/~kriz/cifar.html) or add --download.')
+    if download and not (root / folder).is_dir():
+        from torchvision.datasets import CIFAR10, CIFAR100
+        (CIFAR10 if num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
+    files = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'test': ['test_batch']} if num_classes == 10 \
+        else {'train': ['train'], 'test': ['test']}
+    splits = {}
+    for split, names in files.items():
+        images, labels = [], []
+        for name in names:
+            batch = _unpickle(root / folder / name, how)
+            if 'data' not in batch or label_key not in batch:
+                raise DataError(f'{root / folder / name}: missing "data" or "{label_key}". {how}')
+            images.append(np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch[label_key])
+        splits[split] = (torch.from_numpy(np.concatenate(images)), torch.tensor(labels))
+    return splits
+
+
+def _load_svhn(root: Path, download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    how = ('Pass --data-dir to a folder with train_32x32.mat, extra_32x32.mat and test_32x32.mat '
+           '(http://ufldl.stanford.edu/housenumbers/) or add --download.')
+    try:
+        import scipy.io
+    except ImportError as e:
+        raise DataError('SVHN .mat files need scipy: pip install scipy (or pip install "sd_zoo[train]")') from e
+    splits = {}
+    for split in ('train', 'extra', 'test'):
+        path = root / f'{split}_32x32.mat'
+        if download and not path.is_file():
+            from torchvision.datasets import SVHN
+            SVHN(str(root), split=split, download=True)
+        if not path.is_file():
+            raise DataError(f'{path} not found. {how}')
+        try:
+            mat = scipy.io.loadmat(str(path))
+            images = torch.from_numpy(np.transpose(mat['X'], (3, 2, 0, 1)).astype(np.uint8))
+            labels = torch.from_numpy(mat['y'].astype(np.int64).reshape(-1)) % 10  # label 10 is digit 0
+        except Exception as e:
+            raise DataError(f'{path}: not an SVHN .mat file ({type(e).__name__}: {e}). {how}') from e
+        if images.shape[1:] != (3, 32, 32) or len(images) != len(labels):
+            raise DataError(f'{path}: X has shape {tuple(mat["X"].shape)}, expected (32, 32, 3, N) with N labels')
+        splits[split] = (images, labels)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+def _permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _per_class_split(labels: torch.Tensor, per_class: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (held-out, rest) indices with ``per_class`` held-out images of every class."""
+    perm = _permutation(len(labels), seed)
+    held = [perm[labels[perm] == c][:per_class] for c in labels.unique().tolist()]
+    held_idx = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_idx] = False
+    return held_idx, mask.nonzero().flatten()
+
+
+def _fingerprint(indices: torch.Tensor) -> str:
+    return hashlib.sha256(indices.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+def _limit(ds: Dataset, limit: int) -> Dataset:
+    return Subset(ds, range(min(limit, len(ds)))) if limit and limit < len(ds) else ds
+
+
+def _take(pair: Tuple[torch.Tensor, torch.Tensor], indices: torch.Tensor, limit: int):
+    if limit:
+        indices = indices[:limit]
+    return pair[0][indices], pair[1][indices]
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+def _tensor_bundle(cfg: Any, splits: Dict[str, Tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                   mean: Tuple[float, ...], std: Tuple[float, ...]) -> DatasetBundle:
+    """Seeded train/validation split of ``splits['train']`` (SVHN: 400/class train + 200/class extra)."""
+    if 'extra' in splits:
+        val_a, rest_a = _per_class_split(splits['train'][1], 400, cfg.split_seed)
+        val_b, rest_b = _per_class_split(splits['extra'][1], 200, cfg.split_seed + 1)
+        merged = [torch.cat([splits['train'][i], splits['extra'][i]]) for i in (0, 1)]
+        offset = len(splits['train'][1])
+        val_idx, train_idx = torch.cat([val_a, val_b + offset]), torch.cat([rest_a, rest_b + offset])
+        train_pair = (merged[0], merged[1])
+    else:
+        train_pair = splits['train']
+        n = len(train_pair[1])
+        if cfg.val_size >= n:
+            raise DataError(f'--val-size={cfg.val_size} leaves no training images: the training set has {n}')
+        perm = _permutation(n, cfg.split_seed)
+        val_idx, train_idx = perm[:cfg.val_size].sort().values, perm[cfg.val_size:]
+    # the training order comes from the sampler; keep the stored order canonical
+    train_idx = train_idx[_permutation(len(train_idx), cfg.split_seed)] if cfg.limit else train_idx.sort().values
+    test_idx = torch.arange(len(splits['test'][1]))
+    make = lambda pair, aug: TensorImageDataset(pair[0], pair[1], mean, std, aug, cfg.pad, cfg.seed)  # noqa: E731
+    info = dict(split_seed=cfg.split_seed, val_fingerprint=_fingerprint(val_idx),
+                train_size=min(len(train_idx), cfg.limit or len(train_idx)),
+                val_size=min(len(val_idx), cfg.limit or len(val_idx)),
+                test_size=min(len(test_idx), cfg.limit or len(test_idx)))
+    images = splits['test'][0]
+    return DatasetBundle(
+        train=make(_take(train_pair, train_idx, cfg.limit), cfg.augment),
+        val=make(_take(train_pair, val_idx, cfg.limit), False),
+        test=make(_take(splits['test'], test_idx, cfg.limit), False),
+        num_classes=num_classes, in_chans=images.shape[1], img_size=images.shape[-1], mean=mean, std=std, info=info)
+
+
+def _synthetic_splits(cfg: Any) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """Learnable random data: each class brightens its own horizontal band (for fast tests)."""
+    g = torch.Generator().manual_seed(1234)
+    splits = {}
+    for split, n in (('train', max(cfg.limit, 64) + cfg.val_size), ('test', max(cfg.limit, 64))):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = torch.randint(0, 128, (n, cfg.in_chans or 3, 16, 16), generator=g, dtype=torch.uint8)
+        for c in range(10):
+            images[labels == c, :, c:c + 4] += 120
+        splits[split] = (images, labels)
+    return splits
+
+
+def _imagenet_bundle(cfg: Any, root: Path) -> DatasetBundle:
+    """ImageFolder train/ and val/ with fb.resnet.torch augmentation; ILSVRC val is the reported split."""
+    from torchvision import datasets, transforms as T
+    how = 'Pass --data-dir to an ImageNet folder with train/<class>/*.JPEG and val/<class>/*.JPEG.'
+    for split in ('train', 'val'):
+        if not (root / split).is_dir():
+            raise DataError(f'{root / split} not found. {how}')
+    try:
+        train_base, val_base = datasets.ImageFolder(str(root / 'train')), datasets.ImageFolder(str(root / 'val'))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f'{root}: {e}. {how}') from e
+    if train_base.classes != val_base.classes:
+        raise DataError(f'{root}: train/ has {len(train_base.classes)} classes, val/ {len(val_base.classes)}; '
+                        f'both need the same class folders')
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.ColorJitter(0.4, 0.4, 0.4), _Lighting(0.1), normalize]) if cfg.augment else \
+        T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    train = SeededTransformDataset(_limit(train_base, cfg.limit), train_tf, cfg.seed)
+    val = SeededTransformDataset(_limit(val_base, cfg.limit), eval_tf, cfg.seed)
+    info = dict(train_size=len(train), val_size=len(val), test_size=0, note='ILSVRC val is the reported split')
+    return DatasetBundle(train, val, None, len(train_base.classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD, info)
+
+
+class _Lighting:
+    """AlexNet-style PCA lighting noise, as in fb.resnet.torch (ImageNet eigen-values/vectors)."""
+    eigval = torch.tensor([0.2175, 0.0188, 0.0045])
+    eigvec = torch.tensor([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
+
+    def __init__(self, alphastd: float):
+        self.alphastd = alphastd
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.alphastd
+        rgb = (self.eigvec * alpha * self.eigval).sum(dim=1)
+        return img + rgb.view(3, 1, 1)
+
+
+def build_datasets(cfg: Any) -> DatasetBundle:
+    """Train / validation / test datasets for ``cfg.dataset`` (see the module docstring for the formats)."""
+    root = Path(cfg.data_dir or DEFAULT_DATA_DIRS.get(cfg.dataset, '.')).expanduser()
+    if cfg.dataset == 'imagenet':
+        return _imagenet_bundle(cfg, root)
+    if cfg.dataset == 'synthetic':
+        return _tensor_bundle(cfg, _synthetic_splits(cfg), 10, (0.5,) * (cfg.in_chans or 3), (0.25,) * (cfg.in_chans or 3))
+    if cfg.dataset != 'synthetic' and not root.is_dir() and not cfg.download:
+        raise DataError(f'{root}: no such folder for dataset {cfg.dataset!r}. Pass --data-dir to the folder that '
+                        f'holds it, or add --download (needs internet); see training/data.py for the formats.')
+    if cfg.dataset == 'fashion_mnist':
+        return _tensor_bundle(cfg, _load_fashion_mnist(root, cfg.download), 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    if cfg.dataset in ('cifar10', 'cifar100'):
+        num_classes = 10 if cfg.dataset == 'cifar10' else 100
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
+        return _tensor_bundle(cfg, _load_cifar(root, num_classes, cfg.download), num_classes, mean, std)
+    if cfg.dataset == 'svhn':
+        return _tensor_bundle(cfg, _load_svhn(root, cfg.download), 10, SVHN_MEAN, SVHN_STD)
+    raise DataError(f'--dataset={cfg.dataset!r} is unknown')

@@ -1,0 +1,533 @@
+"""The training loop shared by ``training/cifar.py`` and ``training/imagenet.py``.
+
+One call, :func:`train`, runs a :class:`~training.recipes.TrainConfig` end to end with Accelerate: data,
+model, SGD with the paper's schedule, per-epoch validation and test, metrics (CSV / JSON / TensorBoard),
+plots, atomic checkpoints with exact mid-epoch resume, and the best-validation weights exported for timm.
+
+Distributed notes: every rank seeds torch and the model's gate generator with the same seed, so all ranks
+drop the same blocks in every step with no communication; DDP is told about unused parameters only when
+block mode can skip branches. The learning-rate schedule is per epoch and stepped here, not by ``prepare``.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+import timm
+import sd_zoo  # noqa: F401  (registers the sd_ models)
+from sd_zoo import fold_test_scaling
+
+from .data import DataError, DatasetBundle, build_datasets
+from .recipes import TrainConfig, validate_config
+
+__all__ = ['train', 'TrainingError', 'ConfigError', 'NonFiniteLossError', 'TrainState', 'lr_factor',
+           'export_best_weights', 'resolve_checkpoint']
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+class ConfigError(TrainingError):
+    pass
+
+
+class NonFiniteLossError(TrainingError):
+    pass
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress saved with every checkpoint (registered with Accelerate, so it resumes with the rest)."""
+    epoch: int = 0            # epoch in progress (or the next one when batches_done == 0)
+    batches_done: int = 0     # data-loader batches of this epoch already trained on (per rank)
+    global_step: int = 0      # optimizer steps
+    best_val_error: float = math.inf
+    best_epoch: int = -1
+    train_time: float = 0.0   # seconds spent training and evaluating, summed over resumed sessions
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    epoch_acc: Dict[str, float] = dataclasses.field(default_factory=dict)  # running sums of the epoch
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate / ``cfg.lr`` in ``epoch`` (0-based): warm-up, then /10 at each milestone."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr / cfg.lr
+    return cfg.lr_gamma ** sum(epoch >= m for m in cfg.milestones)
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> nn.Module:
+    try:
+        return timm.create_model(
+            cfg.model, num_classes=cfg.num_classes or bundle.num_classes, in_chans=cfg.in_chans or bundle.in_chans,
+            drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
+            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            raise ConfigError(f'--model={cfg.model!r} is not a registered model: use an sd_ model, e.g. '
+                              f'{", ".join(m for m in timm.list_models("sd_*")[:4])}') from e
+        raise
+
+
+def _make_accelerator(cfg: TrainConfig, model: nn.Module):
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    sd = model.stochastic_depth
+    handlers = []
+    if sd.is_active and sd.mode == 'block':
+        # dropped branches leave parameters without gradient: DDP must look for them each step
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+def _make_loaders(cfg: TrainConfig, bundle: DatasetBundle, per_device: int, pin: bool):
+    common = dict(num_workers=cfg.workers, pin_memory=pin, persistent_workers=False)
+    train = DataLoader(bundle.train, batch_size=per_device, shuffle=True, drop_last=False, **common)
+    evals = [DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, **common)
+             for ds in (bundle.val, bundle.test) if ds is not None]
+    return train, evals
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    # the paper decays every parameter, BatchNorm included (fb.resnet.torch)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           dampening=0.0, weight_decay=cfg.weight_decay)
+
+
+def _zero_grads(model: nn.Module) -> None:
+    """Give every parameter a zero gradient, so that a block dropped in a step still gets weight decay and
+    momentum (the authors' code); ``zero_grad(set_to_none=False)`` then keeps it a zero tensor."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
+    """Folder to resume from: an explicit path, or 'latest' in ``output_dir/checkpoints`` (None if none yet)."""
+    if resume != 'latest':
+        path = Path(resume)
+        if not (path / 'trainer_state.json').is_file():
+            raise TrainingError(f'--resume={resume!r}: not a checkpoint folder (no trainer_state.json); use a '
+                                f'folder under <output-dir>/checkpoints/ or "latest"')
+        return path
+    root = output_dir / 'checkpoints'
+    pointer = root / 'latest'
+    if pointer.is_file() and (root / pointer.read_text().strip() / 'trainer_state.json').is_file():
+        return root / pointer.read_text().strip()
+    done = sorted(p for p in root.glob('step_*') if (p / 'trainer_state.json').is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Atomic checkpoints ``checkpoints/step_<N>``: written to a temporary folder, then renamed; the newest
+    ``keep_last`` and the best-validation one are kept; the file ``latest`` names the newest."""
+
+    def __init__(self, accelerator, root: Path, keep_last: int):
+        self.accelerator, self.root, self.keep_last = accelerator, root, keep_last
+        self.last_path: Optional[Path] = None
+
+    def save(self, state: TrainState, cfg: TrainConfig, is_best: bool = False) -> Path:
+        acc = self.accelerator
+        name = f'step_{state.global_step:08d}'
+        final, tmp = self.root / name, self.root / f'.tmp-{name}'
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            info = dict(epoch=state.epoch, batches_done=state.batches_done, global_step=state.global_step,
+                        config=dataclasses.asdict(cfg))
+            (tmp / 'trainer_state.json').write_text(json.dumps(info, indent=1))  # written last: marks complete
+            if final.exists():  # the same step saved again (e.g. interrupted right after an epoch-end save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(self.root / 'latest', name)
+            if is_best:
+                _write_text_atomic(self.root / 'best', name)
+            self._prune()
+        acc.wait_for_everyone()
+        self.last_path = final
+        return final
+
+    def _prune(self) -> None:
+        keep = {(self.root / p).read_text().strip() for p in ('latest', 'best') if (self.root / p).is_file()}
+        steps = sorted(p.name for p in self.root.glob('step_*'))
+        for name in steps[:-self.keep_last]:
+            if name not in keep:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- export
+
+def export_best_weights(model: nn.Module, dest: Path, cfg: TrainConfig, bundle: DatasetBundle,
+                        metadata: Dict[str, Any]) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf`` layout) into ``dest``, atomically.
+
+    The copy is folded to train scaling (same eval outputs), so ``timm.create_model(..., pretrained=True)``
+    with the default arguments evaluates it correctly. The Hub exporter may replace this function.
+    """
+    from timm.models import save_for_hf
+    export = fold_test_scaling(copy.deepcopy(model).cpu().eval())
+    export.stochastic_depth.generator = torch.Generator()  # nothing of the training state travels
+    in_chans = cfg.in_chans or bundle.in_chans
+    export.in_chans = in_chans  # timm reads the channel count of the export from this attribute
+    data_config = dict(input_size=(in_chans, bundle.img_size, bundle.img_size), mean=tuple(bundle.mean),
+                       std=tuple(bundle.std), crop_pct=1.0 if bundle.img_size < 64 else 0.875)
+    tmp = dest.with_name(f'.{dest.name}.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_for_hf(export, str(tmp), safe_serialization=True,
+                model_config=dict(sd_zoo_training=metadata), model_args=dict(drop_path_scaling='train'),
+                data_config=data_config)
+    old = dest.with_name(f'.{dest.name}.old')
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- logging
+
+class RunLogger:
+    """Per-epoch metrics (CSV, JSON, TensorBoard), plots and ``results.json``; writes on the main process only."""
+
+    def __init__(self, accelerator, cfg: TrainConfig, bundle: DatasetBundle, sd, resumed_from: Optional[Path]):
+        self.acc, self.cfg, self.bundle, self.sd = accelerator, cfg, bundle, sd
+        self.out = Path(cfg.output_dir)
+        self.resumed_from = resumed_from
+        self.writer = None
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def run_info(self) -> Dict[str, Any]:
+        return dict(model=self.cfg.model, dataset=self.cfg.dataset, preset=self.cfg.preset,
+                    drop_path_rate=self.cfg.drop_path_rate, drop_path_mode=self.cfg.drop_path_mode,
+                    drop_path_schedule=self.cfg.drop_path_schedule, seed=self.cfg.seed,
+                    num_blocks=self.sd.num_blocks, expected_depth=self.sd.expected_depth)
+
+    def log_epoch(self, state: TrainState) -> None:
+        if not self.acc.is_main_process:
+            return
+        rows = state.history
+        fields = list(rows[-1].keys())
+        tmp = self.out / '.metrics.csv.tmp'
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.out / 'metrics.csv')
+        metrics = dict(run=self.run_info(), epochs=rows)
+        _write_text_atomic(self.out / 'metrics.json', json.dumps(metrics, indent=1))
+        self._tensorboard(rows[-1])
+        self._plots(metrics)
+
+    def _tensorboard(self, row: Dict[str, Any]) -> None:
+        if self.cfg.log_with != 'tensorboard':
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step drops events a killed session logged past the checkpoint we resumed from
+            self.writer = SummaryWriter(str(self.out / 'tensorboard'), purge_step=row['epoch'])
+        for key, value in row.items():
+            if key != 'epoch' and isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(key, value, row['epoch'])
+        self.writer.flush()
+
+    def _plots(self, metrics: Dict[str, Any]) -> None:
+        from .plots import load_metrics, plot_first_conv_grad, plot_test_error
+        runs = [metrics]
+        if self.cfg.compare_with:
+            try:
+                runs.append(load_metrics(self.cfg.compare_with))
+            except (OSError, ValueError) as e:
+                self.acc.print(f'warning: --compare-with={self.cfg.compare_with!r} unreadable ({e}); plotting one run')
+        plot_test_error(runs, self.out / 'test_error.png')
+        plot_first_conv_grad(runs, self.out / 'first_conv_grad.png')
+
+    def write_results(self, state: TrainState, status: str, checkpoint: Optional[Path]) -> Dict[str, Any]:
+        best = next((r for r in state.history if r['epoch'] == state.best_epoch), None)
+        last = state.history[-1] if state.history else {}
+        times = [r['epoch_time'] for r in state.history]
+        results = dict(
+            status=status, run=self.run_info(),
+            best_epoch=state.best_epoch if best else None,
+            best_val_error=best['val_error'] if best else None,
+            test_error_at_best_val=best.get('test_error') if best else None,
+            final_test_error=last.get('test_error'), epochs_completed=len(state.history),
+            global_step=state.global_step, wall_time_s=state.train_time, train_time_s=sum(times),
+            mean_images_per_s=sum(r['images_per_s'] for r in state.history) / max(len(times), 1),
+            mean_active_depth=(sum(r['mean_active_depth'] for r in state.history) / len(times)) if times else None,
+            num_processes=self.acc.num_processes, device=str(self.acc.device),
+            data=self.bundle.info, resumed_from=str(self.resumed_from) if self.resumed_from else None,
+            last_checkpoint=str(checkpoint) if checkpoint else None,
+            best_weights=str(self.out / 'best_model') if best else None,
+            versions=dict(torch=torch.__version__, timm=timm.__version__, sd_zoo=sd_zoo.__version__),
+            settings=dataclasses.asdict(self.cfg))
+        if self.acc.is_main_process:
+            _write_text_atomic(self.out / 'results.json', json.dumps(results, indent=1))
+        return results
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop at the next optimizer step."""
+
+    def __init__(self):
+        self.requested: Optional[str] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> '_StopOnSignal':
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def _evaluate(ctx, loader) -> float:
+    """Top-1 error of the full network (all blocks, eval scaling) over ``loader``, gathered over ranks."""
+    ctx.model.eval()
+    wrong, total = 0, 0
+    for x, y in loader:
+        if ctx.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pred = ctx.model(x).argmax(dim=1)
+        pred, y = ctx.acc.gather_for_metrics((pred, y))
+        wrong += int((pred != y).sum())
+        total += y.numel()
+    ctx.model.train()
+    return wrong / max(total, 1)
+
+
+def _step_stats(ctx, loss: torch.Tensor, stop: _StopOnSignal) -> float:
+    """Global mean loss of this micro-batch; a stop request on any rank reaches all ranks with it."""
+    packed = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop.requested)), device=loss.device)])
+    packed = ctx.acc.reduce(packed, reduction='sum')
+    if packed[1] > 0:
+        ctx.stop_reason = stop.requested or 'signal on another rank'
+    return float(packed[0]) / ctx.acc.num_processes
+
+
+def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Optional[str]:
+    """Train until the epoch ends (None) or a reason to stop mid-epoch ('max_steps', a signal name)."""
+    from tqdm.auto import tqdm
+    cfg, acc, model, sd, sums = ctx.cfg, ctx.acc, ctx.model, ctx.sd, state.epoch_acc
+    ctx.train_loader.set_epoch(epoch)
+    ctx.bundle.train.set_epoch(epoch)
+    loader = acc.skip_first_batches(ctx.train_loader, state.batches_done) if state.batches_done else ctx.train_loader
+    bar = tqdm(total=len(ctx.train_loader), initial=state.batches_done, desc=f'epoch {epoch + 1}/{cfg.epochs}',
+               disable=not (cfg.progress and acc.is_local_main_process), leave=False)
+    model.train()
+    start = time.perf_counter()
+    for x, y in loader:
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with acc.accumulate(model):
+            loss = F.cross_entropy(model(x), y)
+            active = sum(sd.last_active) if sd.is_active and sd.last_active is not None else sd.num_blocks
+            acc.backward(loss)
+            loss_value = _step_stats(ctx, loss, stop)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f'training loss became {loss_value} at epoch {epoch + 1}, optimizer step {state.global_step + 1}; '
+                    f'stopped without saving. Last good checkpoint: {ctx.checkpointer.last_path or "none"}. '
+                    f'Resume from it with a lower --lr, or without --mixed-precision fp16.')
+            if acc.sync_gradients:
+                grad = acc.unwrap_model(model).conv1.weight.grad
+                scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+                _add(sums, first_conv_grad=float(grad.abs().mean()) / scale, grad_steps=1)
+            ctx.optimizer.step()
+            ctx.optimizer.zero_grad(set_to_none=not cfg.decay_dropped)
+        state.batches_done += 1
+        _add(sums, loss=loss_value * len(y), seen=len(y), depth=active, forwards=1,
+             images=len(y) * acc.num_processes)
+        bar.update(1)
+        if acc.sync_gradients:
+            state.global_step += 1
+            bar.set_postfix(loss=f'{loss_value:.3f}', lr=f'{ctx.optimizer.param_groups[0]["lr"]:.3g}')
+            reason = ctx.stop_reason or ('max_steps' if cfg.max_steps and state.global_step >= cfg.max_steps else None)
+            at_end = state.batches_done >= len(ctx.train_loader)
+            if reason and not at_end:
+                _add(sums, time=time.perf_counter() - start)
+                bar.close()
+                return reason
+            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not at_end:
+                _add(sums, time=time.perf_counter() - start)
+                ctx.checkpointer.save(state, cfg)
+                start = time.perf_counter()
+    _add(sums, time=time.perf_counter() - start)
+    bar.close()
+    return None
+
+
+def _add(sums: Dict[str, float], **values: float) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + value
+
+
+def _finish_epoch(ctx, state: TrainState, epoch: int) -> bool:
+    """Evaluate, record the epoch, step the schedule, checkpoint; True if this epoch is the best so far."""
+    start = time.perf_counter()
+    errors = [_evaluate(ctx, loader) for loader in ctx.eval_loaders]
+    val_error, test_error = errors[0], (errors[1] if len(errors) > 1 else None)
+    s = state.epoch_acc
+    row = dict(epoch=epoch + 1, global_step=state.global_step, lr=ctx.optimizer.param_groups[0]['lr'],
+               train_loss=s['loss'] / max(s['seen'], 1), val_error=val_error, test_error=test_error,
+               epoch_time=s['time'], eval_time=time.perf_counter() - start,
+               images_per_s=s['images'] / max(s['time'], 1e-9), mean_active_depth=s['depth'] / max(s['forwards'], 1),
+               first_conv_grad=s.get('first_conv_grad', 0.0) / max(s.get('grad_steps', 1), 1))
+    state.train_time += row['epoch_time'] + row['eval_time']
+    row['wall_time'] = state.train_time
+    state.history.append(row)
+    is_best = val_error < state.best_val_error
+    if is_best:
+        state.best_val_error, state.best_epoch = val_error, epoch + 1
+    ctx.scheduler.step()
+    state.epoch, state.batches_done, state.epoch_acc = epoch + 1, 0, {}
+    ctx.checkpointer.save(state, ctx.cfg, is_best=is_best)
+    if is_best and ctx.acc.is_main_process:
+        meta = dict(dataset=ctx.cfg.dataset, epoch=epoch + 1, val_error=val_error, test_error=test_error,
+                    drop_path_rate=ctx.cfg.drop_path_rate, preset=ctx.cfg.preset, seed=ctx.cfg.seed)
+        export_best_weights(ctx.acc.unwrap_model(ctx.model), Path(ctx.cfg.output_dir) / 'best_model',
+                            ctx.cfg, ctx.bundle, meta)
+    ctx.logger.log_epoch(state)
+    test_text = f', test error {100 * test_error:.2f}%' if test_error is not None else ''
+    ctx.acc.print(f'epoch {epoch + 1}/{ctx.cfg.epochs}: loss {row["train_loss"]:.4f}, val error '
+                  f'{100 * val_error:.2f}%{test_text}, {row["images_per_s"]:.0f} img/s, '
+                  f'depth {row["mean_active_depth"]:.2f}/{ctx.sd.num_blocks}{" (best)" if is_best else ""}')
+    return is_best
+
+
+def _setup(cfg: TrainConfig):
+    """Data, model, Accelerator, optimizer, schedule and loaders, prepared; returns a context namespace."""
+    from types import SimpleNamespace
+    from accelerate.utils import set_seed
+    bundle = build_datasets(cfg)
+    set_seed(cfg.seed)  # not device_specific: every rank builds the same model and gate generator
+    model = _create_model(cfg, bundle)
+    sd = model.stochastic_depth
+    sd.manual_seed(cfg.seed)
+    try:
+        acc = _make_accelerator(cfg, model)
+    except ValueError as e:
+        raise ConfigError(f'--mixed-precision={cfg.mixed_precision!r}: {e}') from e
+    shards = acc.num_processes * cfg.grad_accum
+    if cfg.batch_size % shards:
+        raise ConfigError(f'--batch-size={cfg.batch_size} must be divisible by processes x --grad-accum '
+                          f'({acc.num_processes} x {cfg.grad_accum})')
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch))
+    train_loader, eval_loaders = _make_loaders(cfg, bundle, cfg.batch_size // shards, acc.device.type == 'cuda')
+    model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader, *eval_loaders)
+    return SimpleNamespace(cfg=cfg, bundle=bundle, acc=acc, model=model, sd=sd, optimizer=optimizer,
+                           scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders,
+                           stop_reason=None)
+
+
+def _resume(ctx, state: TrainState) -> Optional[Path]:
+    cfg, out = ctx.cfg, Path(ctx.cfg.output_dir)
+    path = resolve_checkpoint(cfg.resume, out) if cfg.resume else None
+    if path is None:
+        if cfg.resume:
+            ctx.acc.print(f'--resume=latest: no checkpoint in {out / "checkpoints"} yet, starting from scratch')
+        return None
+    saved = json.loads((path / 'trainer_state.json').read_text())['config']
+    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
+               if k in ('model', 'dataset', 'drop_path_rate', 'drop_path_mode', 'batch_size', 'seed', 'split_seed',
+                        'grad_accum', 'limit', 'val_size') and saved.get(k) != v}
+    if changed:
+        raise TrainingError(f'--resume={cfg.resume!r}: {path} was trained with other settings '
+                            f'{ {k: v[0] for k, v in changed.items()} }; now {({k: v[1] for k, v in changed.items()})}')
+    ctx.acc.load_state(str(path))
+    ctx.checkpointer.last_path = path
+    ctx.acc.print(f'resumed from {path}: epoch {state.epoch + 1}, batch {state.batches_done}, step {state.global_step}')
+    return path
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Run (or resume) one training run; returns what ``results.json`` holds."""
+    errors = validate_config(cfg)
+    if errors:
+        raise ConfigError('invalid settings:\n  ' + '\n  '.join(errors))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ctx = _setup(cfg)
+    state = TrainState()
+    ctx.acc.register_for_checkpointing(ctx.scheduler, ctx.sd, state)
+    ctx.checkpointer = Checkpointer(ctx.acc, Path(cfg.output_dir) / 'checkpoints', cfg.keep_last)
+    resumed_from = _resume(ctx, state)
+    if cfg.decay_dropped:
+        _zero_grads(ctx.model)
+    ctx.logger = RunLogger(ctx.acc, cfg, ctx.bundle, ctx.sd, resumed_from)
+    status = 'completed'
+    with _StopOnSignal() as stop:
+        session_start = time.perf_counter()
+        for epoch in range(state.epoch, cfg.epochs):
+            reason = _train_epoch(ctx, state, epoch, stop)
+            if reason is None:
+                _finish_epoch(ctx, state, epoch)
+                reason = ctx.stop_reason or (
+                    'max_steps' if cfg.max_steps and state.global_step >= cfg.max_steps else None)
+            else:  # mid-epoch stop: the epoch's running sums travel with the checkpoint
+                ctx.checkpointer.save(state, cfg)
+            if reason is not None:
+                status = 'max_steps' if reason == 'max_steps' else f'interrupted ({reason})'
+                break
+        ctx.acc.print(f'{status}: {time.perf_counter() - session_start:.1f}s in this session')
+    results = ctx.logger.write_results(state, status, ctx.checkpointer.last_path)
+    ctx.logger.close()
+    if status.startswith('interrupted'):
+        ctx.acc.print(f'checkpoint saved in {ctx.checkpointer.last_path}; continue with --resume latest')
+    ctx.acc.wait_for_everyone()
+    return results

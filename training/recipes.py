@@ -1,0 +1,181 @@
+"""Training recipes: the run configuration, the paper's presets and the command-line parser built from them.
+
+Training hyper-parameters live here and nowhere else (not in the models). A preset is a set of overrides
+of :class:`TrainConfig`; every field is also a flag (``--drop-path-rate 0`` turns a preset into its
+constant-depth baseline). Values come from the paper and the authors' Torch7 code (see PAPER.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+__all__ = ['TrainConfig', 'PRESETS', 'DATASETS', 'build_parser', 'config_from_args', 'validate_config']
+
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'imagenet', 'synthetic')
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; ``None`` means 'the dataset's default'."""
+    preset: str = ''
+    # model
+    model: str = 'sd_resnet110_cifar'
+    drop_path_rate: float = 0.5
+    drop_path_schedule: str = 'linear'
+    drop_path_mode: str = 'block'
+    drop_path_scaling: str = 'train'
+    in_chans: Optional[int] = None
+    num_classes: Optional[int] = None
+    # data
+    dataset: str = 'cifar10'
+    data_dir: Optional[str] = None
+    download: bool = False
+    augment: bool = True
+    pad: int = 4
+    val_size: int = 5000
+    split_seed: int = 0
+    limit: int = 0
+    workers: int = 2
+    # optimisation (paper: SGD, Nesterov momentum 0.9, dampening 0, weight decay 1e-4, batch 128)
+    epochs: int = 500
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    milestones: Tuple[int, ...] = (250, 375)
+    lr_gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.01
+    decay_dropped: bool = True
+    # runtime
+    seed: int = 0
+    mixed_precision: str = 'no'
+    grad_accum: int = 1
+    channels_last: bool = False
+    threads: int = 0
+    max_steps: int = 0
+    # output
+    output_dir: str = 'results/run'
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    resume: Optional[str] = None
+    log_with: str = 'tensorboard'
+    compare_with: Optional[str] = None
+    progress: bool = True
+
+
+_CIFAR = dict(dataset='cifar10', model='sd_resnet110_cifar', epochs=500, milestones=(250, 375), augment=True)
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Table 1 rows, 110 layers, 45k/5k seeded split; "+" = flip + 4-px translation
+    'cifar10': dict(_CIFAR),
+    'cifar10_noaug': dict(_CIFAR, augment=False),
+    'cifar100': dict(_CIFAR, dataset='cifar100'),
+    'cifar100_noaug': dict(_CIFAR, dataset='cifar100', augment=False),
+    # 152 layers, train + extra without augmentation, 400/class (train) + 200/class (extra) validation
+    'svhn': dict(dataset='svhn', model='sd_resnet152_svhn', epochs=50, milestones=(30, 35), augment=False),
+    # 1202 layers: lr 0.01 for 10 warm-up epochs, then 0.1
+    'cifar10_1202': dict(_CIFAR, model='sd_resnet1202_cifar', epochs=300, milestones=(150, 225),
+                         warmup_epochs=10, warmup_lr=0.01),
+    # fb.resnet.torch: batch 256, lr 0.1 per 256 images, /10 every 30 epochs; ILSVRC val is the reported split
+    'imagenet_resnet152': dict(dataset='imagenet', model='sd_resnet152', epochs=90, milestones=(30, 60),
+                               batch_size=256, eval_batch_size=200, augment=True, workers=8),
+    # This CPU machine: 28x28 single-channel images fed as they are (in_chans=1, no resizing or padding to 32;
+    # the CIFAR stem is stride 1, so the stages see 28/14/7 pixels); flip + 2-px translation; 55k/5k split.
+    'fashion_mnist': dict(dataset='fashion_mnist', model='sd_resnet20_cifar', epochs=10, milestones=(5, 8),
+                          augment=True, pad=2, workers=0, checkpoint_every=100, keep_last=2),
+}
+
+_CHOICES = {
+    'drop_path_schedule': ('linear', 'uniform'), 'drop_path_mode': ('block', 'sample', 'off'),
+    'drop_path_scaling': ('train', 'test'), 'dataset': DATASETS, 'mixed_precision': ('no', 'fp16', 'bf16'),
+    'log_with': ('tensorboard', 'none'),
+}
+_HELP = {
+    'preset': 'paper experiment to start from; every other flag overrides one of its values',
+    'drop_path_rate': '1 - p_L, drop probability of the last block (0 = constant-depth baseline)',
+    'data_dir': 'dataset folder (default: the dataset\'s usual place, see training/data.py)',
+    'download': 'download the dataset with torchvision if it is missing (needs internet)',
+    'pad': 'translation augmentation: zero-pad by this many pixels, then crop back at random',
+    'val_size': 'images held out from the training set for validation (seeded by --split-seed)',
+    'limit': 'use at most this many images of each split (0 = all): for smoke tests',
+    'batch_size': 'global batch per optimizer step (split over processes and accumulation steps)',
+    'milestones': 'epochs at which the learning rate is multiplied by --lr-gamma',
+    'decay_dropped': 'dropped blocks still get weight decay and momentum, as in the authors\' code',
+    'threads': 'torch.set_num_threads (0 = torch default)',
+    'max_steps': 'stop (with a checkpoint) after this many optimizer steps in total (0 = no limit)',
+    'checkpoint_every': 'also checkpoint every N optimizer steps (0 = at the end of each epoch only)',
+    'keep_last': 'periodic checkpoints to keep (the best-validation one is kept as well)',
+    'resume': 'checkpoint folder to continue from, or "latest" (in --output-dir)',
+    'compare_with': 'metrics.json of a constant-depth run, overlaid on the test-error plot',
+    'in_chans': 'input channels (default: the dataset\'s)',
+}
+
+
+def _parse_int_tuple(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(',', ' ').split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') from None
+
+
+def build_parser(description: str, default_preset: str, presets: Sequence[str]) -> argparse.ArgumentParser:
+    """One flag per :class:`TrainConfig` field, all defaulting to ``None`` (= keep the preset's value)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        kwargs: Dict[str, Any] = dict(default=None, help=_HELP.get(f.name))
+        if f.name == 'preset':
+            parser.add_argument(flag, default=default_preset, choices=list(presets), help=_HELP['preset'])
+            continue
+        if isinstance(f.default, bool):
+            kwargs['action'] = argparse.BooleanOptionalAction
+        elif f.name == 'milestones':
+            kwargs['type'] = _parse_int_tuple
+        elif f.name in _CHOICES:
+            kwargs['choices'] = _CHOICES[f.name]
+        else:
+            kwargs['type'] = type(f.default) if f.default is not None else (int if 'chans' in f.name or
+                                                                            'classes' in f.name else str)
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset values first, then every flag given on the command line."""
+    values = dict(PRESETS[args.preset], preset=args.preset)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != 'preset'})
+    return TrainConfig(**values)
+
+
+def validate_config(cfg: TrainConfig) -> List[str]:
+    """Problems with the configuration, each naming its flag (empty when the configuration is valid)."""
+    errors = []
+
+    def need(ok: bool, name: str, what: str) -> None:
+        if not ok:
+            errors.append(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: {what}")
+
+    need(0.0 <= cfg.drop_path_rate < 1.0, 'drop_path_rate', 'must lie in [0, 1) (0 = constant depth)')
+    for name in ('epochs', 'batch_size', 'eval_batch_size', 'grad_accum'):
+        need(getattr(cfg, name) >= 1, name, 'must be a positive integer')
+    for name in ('pad', 'limit', 'workers', 'warmup_epochs', 'threads', 'max_steps', 'checkpoint_every'):
+        need(getattr(cfg, name) >= 0, name, 'must be >= 0')
+    need(cfg.keep_last >= 1, 'keep_last', 'must be >= 1 (the latest checkpoint is needed to resume)')
+    need(cfg.lr > 0, 'lr', 'must be > 0')
+    need(cfg.warmup_lr > 0, 'warmup_lr', 'must be > 0')
+    need(0.0 <= cfg.momentum < 1.0, 'momentum', 'must lie in [0, 1)')
+    need(not cfg.nesterov or cfg.momentum > 0, 'nesterov', 'Nesterov momentum needs --momentum > 0')
+    need(cfg.weight_decay >= 0, 'weight_decay', 'must be >= 0')
+    need(0.0 < cfg.lr_gamma <= 1.0, 'lr_gamma', 'must lie in (0, 1]')
+    need(list(cfg.milestones) == sorted(set(cfg.milestones)) and all(m > 0 for m in cfg.milestones),
+         'milestones', 'must be increasing positive epochs')
+    need(cfg.val_size >= 1 or cfg.dataset in ('svhn', 'imagenet'), 'val_size',
+         'must be >= 1: the reported figure is the test error at the best-validation epoch')
+    need(cfg.in_chans is None or cfg.in_chans >= 1, 'in_chans', 'must be >= 1')
+    need(cfg.num_classes is None or cfg.num_classes >= 2, 'num_classes', 'must be >= 2')
+    return errors
