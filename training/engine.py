@@ -80,11 +80,12 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
 # --------------------------------------------------------------------------------------------- setup
 
 def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> nn.Module:
+    extra = {} if cfg.zero_init_last is None else dict(zero_init_last=cfg.zero_init_last)
     try:
         return timm.create_model(
             cfg.model, num_classes=cfg.num_classes or bundle.num_classes, in_chans=cfg.in_chans or bundle.in_chans,
             drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
-            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling)
+            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling, **extra)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ConfigError(f'--model={cfg.model!r} is not a registered model: use an sd_ model, e.g. '

@@ -28,6 +28,7 @@ class TrainConfig:
     drop_path_scaling: str = 'train'
     in_chans: Optional[int] = None
     num_classes: Optional[int] = None
+    zero_init_last: Optional[bool] = None
     # data
     dataset: str = 'cifar10'
     data_dir: Optional[str] = None
@@ -68,7 +69,9 @@ class TrainConfig:
     progress: bool = True
 
 
-_CIFAR = dict(dataset='cifar10', model='sd_resnet110_cifar', epochs=500, milestones=(250, 375), augment=True)
+# zero_init_last=False: the paper's He initialisation (fb.resnet.torch), every branch's last BN weight 1
+_CIFAR = dict(dataset='cifar10', model='sd_resnet110_cifar', epochs=500, milestones=(250, 375), augment=True,
+              zero_init_last=False)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Table 1 rows, 110 layers, 45k/5k seeded split; "+" = flip + 4-px translation
@@ -77,17 +80,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     'cifar100': dict(_CIFAR, dataset='cifar100'),
     'cifar100_noaug': dict(_CIFAR, dataset='cifar100', augment=False),
     # 152 layers, train + extra without augmentation, 400/class (train) + 200/class (extra) validation
-    'svhn': dict(dataset='svhn', model='sd_resnet152_svhn', epochs=50, milestones=(30, 35), augment=False),
+    'svhn': dict(dataset='svhn', model='sd_resnet152_svhn', epochs=50, milestones=(30, 35), augment=False,
+                 zero_init_last=False),
     # 1202 layers: lr 0.01 for 10 warm-up epochs, then 0.1
     'cifar10_1202': dict(_CIFAR, model='sd_resnet1202_cifar', epochs=300, milestones=(150, 225),
                          warmup_epochs=10, warmup_lr=0.01),
     # fb.resnet.torch: batch 256, lr 0.1 per 256 images, /10 every 30 epochs; ILSVRC val is the reported split
     'imagenet_resnet152': dict(dataset='imagenet', model='sd_resnet152', epochs=90, milestones=(30, 60),
-                               batch_size=256, eval_batch_size=200, augment=True, workers=8),
+                               batch_size=256, eval_batch_size=200, augment=True, workers=8, zero_init_last=False),
     # This CPU machine: 28x28 single-channel images fed as they are (in_chans=1, no resizing or padding to 32;
     # the CIFAR stem is stride 1, so the stages see 28/14/7 pixels); flip + 2-px translation; 55k/5k split.
     'fashion_mnist': dict(dataset='fashion_mnist', model='sd_resnet20_cifar', epochs=10, milestones=(5, 8),
-                          augment=True, pad=2, workers=0, checkpoint_every=100, keep_last=2),
+                          augment=True, pad=2, workers=0, checkpoint_every=100, keep_last=2, zero_init_last=False),
 }
 
 _CHOICES = {
@@ -113,6 +117,7 @@ _HELP = {
     'resume': 'checkpoint folder to continue from, or "latest" (in --output-dir)',
     'compare_with': 'metrics.json of a constant-depth run, overlaid on the test-error plot',
     'in_chans': 'input channels (default: the dataset\'s)',
+    'zero_init_last': 'zero the last BatchNorm of each residual branch at init (default: the model\'s)',
 }
 
 
@@ -132,7 +137,7 @@ def build_parser(description: str, default_preset: str, presets: Sequence[str]) 
         if f.name == 'preset':
             parser.add_argument(flag, default=default_preset, choices=list(presets), help=_HELP['preset'])
             continue
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or f.name == 'zero_init_last':
             kwargs['action'] = argparse.BooleanOptionalAction
         elif f.name == 'milestones':
             kwargs['type'] = _parse_int_tuple
