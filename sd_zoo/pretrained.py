@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
     'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'PAPER', 'PAPER_RESULTS', 'Result', 'PublishedWeight', 'PUBLISHED',
-    'hub_org', 'published_weights', 'find_weight', 'with_published_weights', 'register_weight', 'readme_table',
+    'hub_org', 'published_weights', 'find_weight', 'with_published_weights', 'register_weight',
+    'unregister_weight', 'readme_table',
 ]
 
 HUB_ORG_ENV = 'SD_ZOO_HUB_ORG'
@@ -238,37 +239,51 @@ def register_weight(weight: PublishedWeight) -> None:
     listed for a model stays its default.
     """
     global PUBLISHED
-    from timm.models import generate_default_cfgs, register_model
-    from . import sd_resnet
-
     if weight.model not in _BASE_CFGS:
         raise ValueError(f'{weight.model} is not an sd_ model; known: {sorted(_BASE_CFGS)}')
     PUBLISHED = tuple(w for w in PUBLISHED if w.name != weight.name) + (weight,)
+    _register_again(weight.model)
+
+
+def unregister_weight(name: str) -> None:
+    """Remove the published weight ``<model>.<tag>`` added by :func:`register_weight`."""
+    global PUBLISHED
+    weight = find_weight(name)
+    if weight is None:
+        raise ValueError(f'{name} is not a published weight; published: {names()}')
+    PUBLISHED = tuple(w for w in PUBLISHED if w.name != name)
+    _register_again(weight.model)
+
+
+def _register_again(model: str) -> None:
+    from timm.models import generate_default_cfgs, register_model
+    from . import sd_resnet
+
     cfgs = generate_default_cfgs(with_published_weights(dict(_BASE_CFGS)))
-    sd_resnet.default_cfgs[weight.model] = cfgs[weight.model]
+    sd_resnet.default_cfgs[model] = cfgs[model]
     with warnings.catch_warnings():  # timm warns on any re-registration; replacing the entry is the point here
         warnings.simplefilter('ignore', UserWarning)
-        register_model(getattr(sd_resnet, weight.model))
+        register_model(getattr(sd_resnet, model))
 
 
-def _headline(weight: PublishedWeight, run_results: Optional[Dict[str, Any]] = None) -> str:
+def _headline(weight: PublishedWeight) -> str:
     results = list(weight.results)
-    if run_results is not None:
-        from .cards import run_figures  # cards imports this module: import late
-        results = run_figures(weight, run_results)
-    if not results:
-        return 'n/a'
-    return ', '.join(f'{r.metric} {r.value:g}% @ {r.img_size}' for r in results if r.metric in ('top1', 'error'))
+    if weight.run_dir:
+        from pathlib import Path
+        from .cards import read_results, run_figures  # cards imports this module: import late
+        results = run_figures(weight, read_results(Path(__file__).resolve().parent.parent / weight.run_dir))
+    shown = [f'{r.metric} {"error " if r.metric == "error" else ""}{r.value:g}% @ {r.img_size} ({r.split})'
+             for r in results if r.metric in ('top1', 'error')]
+    return ', '.join(shown) or 'n/a'
 
 
-def readme_table(run_results: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
-    """Markdown table of every published weight (``run_results``: name -> a run's results.json, if any)."""
+def readme_table() -> str:
+    """Markdown table of every published weight (project runs read from their results.json in the repo)."""
     rows = ['| model | weights (Hub) | trained by | dataset | result |', '|---|---|---|---|---|']
     for w in PUBLISHED:
-        res = (run_results or {}).get(w.name)
         rows.append(
             f'| `{w.name}` | [{w.repo_id}](https://huggingface.co/{w.repo_id}) | {w.trained_by} | {w.dataset} '
-            f'| {_headline(w, res)} |')
+            f'| {_headline(w)} |')
     return '\n'.join(rows) + '\n'
 
 
