@@ -366,7 +366,7 @@ class LocalHubCache:
         parent = parent_ref.read_text().strip() if parent_ref.is_file() else ''
         names = sorted(allow_patterns or [str(p.relative_to(folder_path)) for p in Path(folder_path).rglob('*')
                                           if p.is_file()])
-        digest = hashlib.sha1(f'{parent}\n{commit_message}\n'.encode())
+        digest = hashlib.sha1(f'{parent}\n{branch}\n{create_pr}\n{commit_message}\n'.encode())
         for name in names:
             digest.update(name.encode() + b'\0' + (Path(folder_path) / name).read_bytes())
         oid = digest.hexdigest()
