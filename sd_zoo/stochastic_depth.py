@@ -104,7 +104,7 @@ class StochasticDepth:
         self.scaling = _check_choice('drop_path_scaling', scaling, SCALINGS)
         self.survival = survival_probabilities(num_blocks, drop_path_rate, schedule)
         self.generator = torch.Generator()
-        self.manual_seed(int(torch.randint(2 ** 62, (1,)).item()) if seed is None else seed)
+        self.manual_seed(int(torch.randint(2 ** 62, (1,), device='cpu').item()) if seed is None else seed)
         self.last_active: Optional[List[bool]] = None
         self._scales: List[GateScale] = []
         self._cursor = num_blocks

@@ -1,0 +1,108 @@
+"""Tables of the README, rendered from the registry and from committed results files (no number typed twice).
+
+``python -m sd_zoo.readme`` rewrites the generated blocks of README.md in place;
+``python -m sd_zoo.readme --check`` fails when README.md is out of date (a test runs it).
+Each block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import timm
+import torch
+
+from . import sd_resnet  # noqa: F401  (registers the models)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_table() -> str:
+    """One row per registered ``sd_`` architecture: depth, blocks, parameters, input size, expected depth."""
+    rows = ['| model | layers | residual blocks | expected blocks (p_L = 0.5) | parameters | input size |',
+            '|---|---:|---:|---:|---:|---|']
+    for name in timm.list_models('sd_*'):
+        with torch.device('meta'):
+            model = timm.create_model(name)
+        sd = model.stochastic_depth
+        layers = name.split('resnet')[1].split('_')[0]
+        params = sum(p.numel() for p in model.parameters())
+        size = 'x'.join(str(v) for v in model.pretrained_cfg['input_size'][1:])
+        rows.append(f'| `{name}` | {layers} | {sd.num_blocks} | {sd.expected_depth:.2f} '
+                    f'| {params / 1e6:.2f}M | {size} |')
+    return '\n'.join(rows)
+
+
+def weights_table() -> str:
+    from .pretrained import readme_table
+    return readme_table()
+
+
+def _read_json(path: Path) -> Dict:
+    return json.loads(path.read_text())
+
+
+def fashion_mnist_table(results_dir: Path = ROOT / 'results' / 'fashion_mnist') -> str:
+    """Stochastic vs constant depth on Fashion-MNIST, read from the runs' results.json."""
+    runs = {kind: results_dir / f'sd_resnet20_{kind}' / 'results.json' for kind in ('stochastic', 'constant')}
+    if not all(p.exists() for p in runs.values()):
+        return '_No finished Fashion-MNIST runs are committed yet._'
+    res = {kind: _read_json(p) for kind, p in runs.items()}
+    base_time = res['constant']['train_time_s']
+    rows = ['| run | test error at best-val epoch (%) | best epoch | mean active blocks | '
+            'training time (s) | time ratio |', '|---|---:|---:|---:|---:|---:|']
+    for kind, r in res.items():
+        rows.append(f"| {kind} depth | {100 * r['test_error_at_best_val']:.2f} | {r['best_epoch']} "
+                    f"| {r['mean_active_depth']:.2f} of {r['settings']['num_blocks']} "
+                    f"| {r['train_time_s']:.0f} | {r['train_time_s'] / base_time:.3f} |")
+    return '\n'.join(rows)
+
+
+def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'latest.md') -> str:
+    return path.read_text().strip() if path.exists() else '_No benchmark results are committed yet._'
+
+
+BLOCKS: Dict[str, Callable[[], str]] = {
+    'models': model_table,
+    'weights': weights_table,
+    'fashion_mnist': fashion_mnist_table,
+    'benchmarks': benchmark_table,
+}
+
+
+def render(text: str, blocks: Dict[str, Callable[[], str]] = BLOCKS) -> str:
+    """Replace the body of every generated block present in ``text``."""
+    for name, make in blocks.items():
+        pattern = re.compile(rf'(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)', re.S)
+        if pattern.search(text):
+            body = make()
+            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--readme', type=Path, default=ROOT / 'README.md')
+    parser.add_argument('--check', action='store_true', help='fail if the README is out of date')
+    parser.add_argument('--print', dest='show', choices=sorted(BLOCKS), help='print one table and exit')
+    args = parser.parse_args(argv)
+    if args.show:
+        print(BLOCKS[args.show]())
+        return 0
+    current = args.readme.read_text()
+    updated = render(current)
+    if args.check:
+        if updated != current:
+            print(f'{args.readme} is out of date: run `python -m sd_zoo.readme`', file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(updated)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
