@@ -1,0 +1,107 @@
+"""The wheel and sdist hold what they must, and an installed wheel makes timm see sd_ models without an import.
+
+One build (sdist + wheel from it, ``python -m build --no-isolation``: offline, with the installed setuptools)
+and one fresh virtual environment (``--system-site-packages`` so torch is not reinstalled; the wheel installed
+with ``--no-deps``) are shared by the tests of this module. About 15-25 s on 2 cores.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP_COPY = {'.git', 'build', 'dist', '.venv', '.pytest_cache', '__pycache__', 'runs', 'output', 'results'}
+
+
+def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+    assert proc.returncode == 0, f'{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}'
+    return proc
+
+
+@pytest.fixture(scope='module')
+def dists(tmp_path_factory):
+    """sdist and wheel built from a copy of the working tree (build/ and egg-info stay out of the repo)."""
+    tmp = tmp_path_factory.mktemp('pkg')
+    src = tmp / 'src'
+    shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP_COPY or n.endswith('.egg-info')])
+    _run([sys.executable, '-m', 'build', '--no-isolation', '--skip-dependency-check', '--outdir', str(tmp / 'dist'),
+          str(src)])
+    (wheel,) = (tmp / 'dist').glob('*.whl')
+    (sdist,) = (tmp / 'dist').glob('*.tar.gz')
+    return dict(tmp=tmp, wheel=wheel, sdist=sdist)
+
+
+@pytest.fixture(scope='module')
+def venv_python(dists):
+    env_dir = dists['tmp'] / 'venv'
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / 'bin' / 'python'
+    _run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '-q',
+          str(dists['wheel'])])
+    return python
+
+
+def test_wheel_contents(dists):
+    names = set(zipfile.ZipFile(dists['wheel']).namelist())
+    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload'):
+        assert f'sd_zoo/{module}.py' in names
+    assert 'sd_zoo-autoload.pth' in names  # at the wheel root: installed into site-packages itself
+    assert not any(n.startswith(('tests/', 'training/', 'hub_cards/')) for n in names)
+    entry_points = next(n for n in names if n.endswith('entry_points.txt'))
+    text = zipfile.ZipFile(dists['wheel']).read(entry_points).decode()
+    assert 'sd-zoo-publish = sd_zoo.hub:publish_main' in text and 'sd-zoo-export = sd_zoo.hub:export_main' in text
+
+
+def test_sdist_contents(dists):
+    names = {n.split('/', 1)[1] for n in tarfile.open(dists['sdist']).getnames() if '/' in n}
+    for required in ('pyproject.toml', 'setup.py', 'MANIFEST.in', 'sd_zoo-autoload.pth', 'sd_zoo/hub.py',
+                     'tests/test_hub.py', 'tests/test_packaging.py'):
+        assert required in names, required
+    assert any(n.startswith('training/') and n.endswith('.py') for n in names)
+    cards = {n for n in names if n.startswith('hub_cards/') and n.endswith('.md')}
+    assert cards == {f'hub_cards/{p.name}' for p in (ROOT / 'hub_cards').glob('*.md')} and cards
+
+
+def _fresh(python: Path, code: str, cwd: Path, **env: str) -> str:
+    clean = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'SD_ZOO_NO_AUTOIMPORT')}
+    return _run([str(python), '-c', code], cwd=cwd, env={**clean, **env}).stdout.strip()
+
+
+def test_installed_wheel_registers_models_when_timm_is_imported(venv_python, dists):
+    cwd = dists['tmp']  # not the repository: sd_zoo must come from the installed wheel
+    out = _fresh(venv_python, "import timm, sys; m = timm.create_model('sd_resnet152'); "
+                              "print(type(m).__name__, sys.modules['sd_zoo'].__file__)", cwd)
+    name, location = out.splitlines()[-1].split()
+    assert name == 'SDResNet' and str(venv_python.parent.parent) in location
+
+
+def test_autoimport_costs_nothing_without_timm_and_can_be_disabled(venv_python, dists):
+    cwd = dists['tmp']
+    out = _fresh(venv_python, "import sys, json; print(json.dumps(['torch' in sys.modules, 'sd_zoo' in sys.modules, "
+                              "[type(f).__name__ for f in sys.meta_path].count('AutoImportFinder')]))", cwd)
+    assert out.splitlines()[-1] == '[false, false, 1]'
+    out = _fresh(venv_python, "import sys, timm; print('sd_zoo' in sys.modules, timm.is_model('sd_resnet152'))", cwd,
+                 SD_ZOO_NO_AUTOIMPORT='1')
+    assert out.splitlines()[-1] == 'False False'
+
+
+def test_broken_hook_target_cannot_break_timm(venv_python, dists):
+    site = next((venv_python.parent.parent / 'lib').glob('python*/site-packages'))
+    init = site / 'sd_zoo' / '__init__.py'
+    original = init.read_text()
+    init.write_text('raise ImportError("simulated breakage")\n')
+    try:
+        proc = subprocess.run([str(venv_python), '-W', 'always', '-c', 'import timm; print(timm.__name__)'],
+                              cwd=dists['tmp'], capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    finally:
+        init.write_text(original)
+    assert proc.returncode == 0 and proc.stdout.strip() == 'timm'
+    assert 'simulated breakage' in proc.stderr  # reported as a warning, not raised
