@@ -77,10 +77,10 @@ BLOCKS: Dict[str, Callable[[], str]] = {
 def render(text: str, blocks: Dict[str, Callable[[], str]] = BLOCKS) -> str:
     """Replace the body of every generated block present in ``text``."""
     for name, make in blocks.items():
-        pattern = re.compile(rf'(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)', re.S)
+        pattern = re.compile(rf'(<!-- BEGIN {name} -->\n)(?:.*?\n)?(<!-- END {name} -->)', re.S)
         if pattern.search(text):
             body = make()
-            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            text = pattern.sub(lambda m: m.group(1) + body + '\n' + m.group(2), text)
     return text
 
 
