@@ -275,7 +275,10 @@ def _recipe_from_run(results: Dict[str, Any]) -> List[str]:
     settings = _settings(results)
     if not settings:
         return ['see the training command']
-    return [f'{k}: {json.dumps(settings[k])}' for k in _RECIPE_KEYS if k in settings]
+    lines = [f'{k}: {json.dumps(settings[k])}' for k in _RECIPE_KEYS if settings.get(k) not in (None, '')]
+    if isinstance(results.get('data'), dict):  # how the images were fed (size, channels, split), as recorded
+        lines.append(f"data: {json.dumps(results['data'], sort_keys=True)}")
+    return lines
 
 
 def run_command(results: Dict[str, Any]) -> str:

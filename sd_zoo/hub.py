@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -168,11 +169,14 @@ def weight_from_run(run_dir: Path, model: nn.Module, tag: str, results: Dict[str
     dataset = _run_dataset(results) or tag
     arch = cfg['architecture']
     args = _schedule_args(model)
+    gates = {'block': 'one gate per block per mini-batch, dropped branches skipped, as in the paper',
+             'sample': 'per-sample masks', 'off': 'off: constant depth'}[args['drop_path_mode']]
     return PublishedWeight(
-        model=arch, tag=tag, hub_repo=f'{arch}.{tag}', trained_by='sd_zoo', dataset=_DATASET_NAMES.get(dataset, dataset),
-        dataset_id=dataset, data_cfg=data_cfg, recipe=(), train_command='',
-        stochastic_depth=(f"sd_zoo's {args['drop_path_mode']} mode, {args['drop_path_schedule']} schedule, "
-                          f"p_L = {1 - args['drop_path_rate']:g} (the paper's rule and per-mini-batch gates)"),
+        model=arch, tag=tag, hub_repo=f'{arch}.{tag}', trained_by='sd_zoo',
+        dataset=_DATASET_NAMES.get(dataset, dataset), dataset_id=dataset, data_cfg=data_cfg, recipe=(),
+        train_command='',
+        stochastic_depth=(f"sd_zoo's {args['drop_path_mode']} mode ({gates}), {args['drop_path_schedule']} "
+                          f"schedule, p_L = {1 - args['drop_path_rate']:g}"),
         provenance=(f'Trained by sd_zoo with its own training script; run folder `{run_dir}` (results.json, '
                     f'metrics, best weights). Exported with `sd-zoo-export --run {run_dir} --tag {tag}`.'),
         run_dir=str(run_dir))
@@ -194,11 +198,13 @@ def export_run(
         out_dir: Union[str, Path],
         tag: Optional[str] = None,
         card_dir: Optional[Union[str, Path]] = None,
+        baseline_run: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Export a training run's best weights with a card built from its ``results.json``.
 
     The card uses the run's entry in ``sd_zoo/pretrained.py`` when ``<model>.<tag>`` is registered; otherwise
-    an entry is derived from the run and printed, ready to paste there.
+    an entry is derived from the run (``baseline_run``: its constant-depth twin, compared in the card) and
+    printed, ready to paste there.
     """
     from .cards import read_results, render_card, card_filename
     from .pretrained import find_weight
@@ -213,6 +219,8 @@ def export_run(
     weight = find_weight(name)
     if weight is None:
         weight = weight_from_run(Path(_relative(run_dir)), model, tag, results)
+        if baseline_run is not None:
+            weight = dataclasses.replace(weight, baseline_run_dir=_relative(Path(baseline_run)))
         print(f'{name} is not in sd_zoo/pretrained.py yet; add this entry to PUBLISHED, then run '
               f'`python -m sd_zoo.hub cards`:\n\n{entry_source(weight)}\n')
     card = render_card(weight, results, comparison=_comparison(weight))
@@ -500,6 +508,7 @@ def _export_parser(sub: Any) -> None:
     p.add_argument('--tag', help='pretrained tag of the export, e.g. fashion_mnist (default: the run dataset)')
     p.add_argument('--out', required=True, help='output folder (replaced atomically)')
     p.add_argument('--card-dir', help='also write the card there as <model>.<tag>.md (e.g. hub_cards)')
+    p.add_argument('--baseline-run', help='constant-depth twin of --run, compared with it in the card')
 
 
 def _publish_parser(sub: Any) -> None:
@@ -516,7 +525,7 @@ def _publish_parser(sub: Any) -> None:
 
 def _run_export(args: argparse.Namespace) -> None:
     if args.run:
-        out = export_run(args.run, args.out, tag=args.tag, card_dir=args.card_dir)
+        out = export_run(args.run, args.out, tag=args.tag, card_dir=args.card_dir, baseline_run=args.baseline_run)
     else:
         from .cards import card_filename, render_card
         from .pretrained import find_weight

@@ -345,25 +345,26 @@ def test_card_is_honest_about_timms_weights():
 # ------------------------------------------------------------------------------------------------------------
 # Export of a training run (the layout training/engine.py writes)
 # ------------------------------------------------------------------------------------------------------------
-def fake_run(run: Path) -> None:
+def fake_run(run: Path, drop_path_rate: float = 0.5, test_error: float = 0.0873, wall: float = 600.0) -> None:
     from timm.models import save_for_hf
-    model = timm.create_model('sd_resnet20_cifar', in_chans=1, drop_path_rate=0.5)
+    model = timm.create_model('sd_resnet20_cifar', in_chans=1, drop_path_rate=drop_path_rate)
     model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(1, 32, 32), mean=(0.286,), std=(0.353,))
     save_for_hf(model, str(run / 'best_model'), safe_serialization=True,
                 model_config=dict(pretrained_cfg=dict(input_size=(1, 32, 32), mean=(0.286,), std=(0.353,))),
                 model_args=dict(drop_path_scaling='train'))
     results = dict(status='finished', run=dict(model='sd_resnet20_cifar', dataset='fashion_mnist'), best_epoch=3,
-                   best_val_error=0.081, test_error_at_best_val=0.0873, wall_time_s=600.0,
+                   best_val_error=0.081, test_error_at_best_val=test_error, wall_time_s=wall,
                    settings=dict(preset='', model='sd_resnet20_cifar', dataset='fashion_mnist', epochs=3, lr=0.1,
-                                 drop_path_rate=0.5, seed=0, output_dir=str(run)))
+                                 drop_path_rate=drop_path_rate, seed=0, output_dir=str(run)))
     (run / 'results.json').write_text(json.dumps(results))
 
 
 def test_export_run_is_one_command(tmp_path, capsys):
-    run = tmp_path / 'results' / 'run1'
+    run, baseline = tmp_path / 'results' / 'run1', tmp_path / 'results' / 'run0'
     fake_run(run)
+    fake_run(baseline, drop_path_rate=0.0, test_error=0.0912, wall=800.0)
     code = hub.main(['export', '--run', str(run), '--tag', 'fmnist', '--out', str(tmp_path / 'out'),
-                     '--card-dir', str(tmp_path / 'cards')])
+                     '--card-dir', str(tmp_path / 'cards'), '--baseline-run', str(baseline)])
     assert code == 0
     printed = capsys.readouterr().out
     entry = eval(printed[printed.index('PublishedWeight('):printed.rindex('),') + 1], vars(pretrained))
@@ -371,6 +372,7 @@ def test_export_run_is_one_command(tmp_path, capsys):
     card = ModelCard((tmp_path / 'cards' / 'sd_resnet20_cifar.fmnist.md').read_text())
     assert card.data.to_dict()['model-index'][0]['results'][0]['metrics'][0]['value'] == 8.73
     assert '--drop-path-rate 0.5' in card.text  # the training command, rebuilt from results.json
+    assert '| 8.73 |' in card.text and '| 9.12 |' in card.text and 'stochastic / constant: 0.750' in card.text
     config = json.loads((tmp_path / 'out' / 'config.json').read_text())
     assert config['pretrained_cfg']['input_size'] == [1, 32, 32] and config['pretrained_cfg']['tag'] == 'fmnist'
     assert config['model_args']['in_chans'] == 1
