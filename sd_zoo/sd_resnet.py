@@ -347,8 +347,12 @@ class SDResNet(nn.Module):
 
 
 def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SDResNet:
+    from .hub import explain_load_errors  # late: hub builds on this module's registry
+
     feature_cfg = dict(out_indices=(0, 1, 2, 3)) if kwargs.get('cifar_stem') else None
-    return build_model_with_cfg(SDResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    tag = kwargs.get('pretrained_cfg')
+    with explain_load_errors(f'{variant}.{tag}' if isinstance(tag, str) and tag else variant):
+        return build_model_with_cfg(SDResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
 
 
 def _cifar_args(n: int) -> Dict[str, Any]:
