@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['TrainConfig', 'PRESETS', 'DATASETS', 'build_parser', 'config_from_args', 'validate_config']
+__all__ = ['TrainConfig', 'PRESETS', 'PAPER_RUNS', 'DATASETS', 'build_parser', 'config_from_args', 'validate_config']
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'imagenet', 'synthetic')
 
@@ -184,3 +184,29 @@ def validate_config(cfg: TrainConfig) -> List[str]:
     need(cfg.in_chans is None or cfg.in_chans >= 1, 'in_chans', 'must be >= 1')
     need(cfg.num_classes is None or cfg.num_classes >= 2, 'num_classes', 'must be >= 2')
     return errors
+
+
+# The command for every row of the paper's results (PAPER.md), for the README; tests run each one on stand-in data.
+PAPER_RUNS: List[Dict[str, Any]] = [
+    dict(row='CIFAR-10+ ResNet-110', preset='cifar10', constant=6.41, stochastic=5.25,
+         command='python training/cifar.py --preset cifar10 --data-dir data/cifar10 --output-dir results/cifar10_sd'),
+    dict(row='CIFAR-100+ ResNet-110', preset='cifar100', constant=27.22, stochastic=24.58,
+         command='python training/cifar.py --preset cifar100 --data-dir data/cifar100 '
+                 '--output-dir results/cifar100_sd'),
+    dict(row='CIFAR-10 ResNet-110 (no augmentation)', preset='cifar10_noaug', constant=13.63, stochastic=11.66,
+         command='python training/cifar.py --preset cifar10_noaug --data-dir data/cifar10 '
+                 '--output-dir results/cifar10_noaug_sd'),
+    dict(row='CIFAR-100 ResNet-110 (no augmentation)', preset='cifar100_noaug', constant=44.74, stochastic=37.8,
+         command='python training/cifar.py --preset cifar100_noaug --data-dir data/cifar100 '
+                 '--output-dir results/cifar100_noaug_sd'),
+    dict(row='SVHN ResNet-152', preset='svhn', constant=2.01, stochastic=1.75,
+         command='python training/cifar.py --preset svhn --data-dir data/svhn --output-dir results/svhn_sd'),
+    dict(row='CIFAR-10+ ResNet-1202', preset='cifar10_1202', constant=6.72, stochastic=4.91,
+         command='python training/cifar.py --preset cifar10_1202 --data-dir data/cifar10 '
+                 '--output-dir results/cifar10_1202_sd'),
+    dict(row='ImageNet ResNet-152 (top-1 val error)', preset='imagenet_resnet152', constant=21.8, stochastic=22.0,
+         command='accelerate launch training/imagenet.py --preset imagenet_resnet152 --data-dir data/imagenet '
+                 '--mixed-precision bf16 --channels-last --output-dir results/imagenet_resnet152_sd'),
+]
+"""Each command trains with stochastic depth; append ``--drop-path-rate 0`` (and another --output-dir) for the
+constant-depth column. ImageNet figures are the paper's v3 values, not verified here."""
