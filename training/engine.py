@@ -91,6 +91,8 @@ def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> nn.Module:
             raise ConfigError(f'--model={cfg.model!r} is not a registered model: use an sd_ model, e.g. '
                               f'{", ".join(m for m in timm.list_models("sd_*")[:4])}') from e
         raise
+    except ValueError as e:  # the model's own checks name the argument (drop_path_schedule=..., ...)
+        raise ConfigError(f'--{str(e).split("=")[0].replace("_", "-")}: {e}') from e
 
 
 def _make_accelerator(cfg: TrainConfig, model: nn.Module):
@@ -187,6 +189,8 @@ class Checkpointer:
 
     def _prune(self) -> None:
         keep = {(self.root / p).read_text().strip() for p in ('latest', 'best') if (self.root / p).is_file()}
+        for stale in self.root.glob('.tmp-step_*'):  # left by a killed run; only one save runs at a time
+            shutil.rmtree(stale, ignore_errors=True)
         steps = sorted(p.name for p in self.root.glob('step_*'))
         for name in steps[:-self.keep_last]:
             if name not in keep:
@@ -326,6 +330,8 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal: the user does not want to wait for the checkpoint
+            raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
