@@ -1,0 +1,150 @@
+"""DDP benchmark: two CPU processes (gloo), block mode against constant depth.
+
+Block mode leaves the parameters of dropped blocks without gradient, so its DistributedDataParallel needs
+``find_unused_parameters=True``; that search costs time every step. The variants, all on one set of
+weights and timed round-robin inside the same two processes:
+
+* ``constant depth`` (plain DDP, the baseline);
+* ``constant depth, find_unused_parameters`` (the price of the search alone);
+* ``sd_zoo block, find_unused_parameters`` (both ranks seed the gate generator alike, so they drop the same
+  blocks; the script checks that they did);
+* ``sd_zoo sample`` (plain DDP: every parameter gets a gradient).
+
+Run from the repository root::
+
+    python -m benchmarks.ddp            # sd_resnet110_cifar, 32 images per rank
+    python -m benchmarks.ddp --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from benchmarks.common import (
+    TrainStep, add_device_args, alternate, apply_device_args, create_sd, machine_info, machine_line,
+    markdown_table, ratio_table, reproduce_command, write_results,
+)
+
+BASELINE = 'constant depth'
+VARIANTS = {  # label -> (drop_path_mode, find_unused_parameters)
+    BASELINE: ('off', False),
+    'constant depth, find_unused_parameters': ('off', True),
+    'sd_zoo block, find_unused_parameters': ('block', True),
+    'sd_zoo sample': ('sample', False),
+}
+BLOCK = 'sd_zoo block, find_unused_parameters'
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_device_args(parser)
+    parser.add_argument('--model', default='sd_resnet110_cifar')
+    parser.add_argument('--batch-per-rank', type=int, default=32)
+    parser.add_argument('--world-size', type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model = 'sd_resnet20_cifar' if args.model == 'sd_resnet110_cifar' else args.model
+        args.batch_per_rank = min(args.batch_per_rank, 16)
+    args.reps = args.reps or (3 if args.quick else 7)
+    if args.device != 'cpu':
+        raise SystemExit('benchmarks.ddp measures CPU processes (gloo): use --device cpu')
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, args: argparse.Namespace, port: int, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=args.world_size)
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+        torch.set_flush_denormal(args.flush_denormal)
+        result = _measure(rank, args)
+        if rank == 0:
+            with open(out_path, 'w') as f:
+                json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
+    torch.manual_seed(0)  # same weights and batch shapes everywhere; each rank gets its own data below
+    weights = create_sd(args.model, 'off', num_classes=10).state_dict()
+    steps = {}
+    for label, (mode, find_unused) in VARIANTS.items():
+        model = create_sd(args.model, mode, weights, num_classes=10)
+        model.stochastic_depth.manual_seed(1234)  # alike on every rank: the same blocks are dropped
+        ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
+        steps[label] = TrainStep(ddp, torch.empty(0), torch.empty(0), torch.device('cpu'), False)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch_per_rank, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (args.batch_per_rank,), generator=gen)
+    for step in steps.values():
+        step.x, step.y = x, y
+    mismatches: List[int] = []
+
+    def after_each(label: str, rep: int) -> None:
+        if label == BLOCK:
+            gathered: List[Any] = [None] * args.world_size
+            dist.all_gather_object(gathered, steps[label].model.module.stochastic_depth.last_active)
+            mismatches.append(sum(g != gathered[0] for g in gathered))
+        dist.barrier()  # every timed step starts with the ranks aligned
+
+    times = alternate(steps, args.reps, warmup=1, after_each=after_each)
+    slowest = {}
+    for clock, by_name in times.items():  # a DDP step lasts as long as its slowest rank
+        slowest[clock] = {}
+        for label, values in by_name.items():
+            t = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            slowest[clock][label] = t.tolist()
+    return {'times_s': slowest, 'rank_gate_mismatches': sum(mismatches)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = apply_device_args(args)
+    info = machine_info(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, 'ddp.json')
+        mp.spawn(_worker, args=(args, _free_port(), out_path), nprocs=args.world_size, join=True)
+        with open(out_path) as f:
+            measured = json.load(f)
+    if measured['rank_gate_mismatches']:
+        raise RuntimeError(f"ranks dropped different blocks in {measured['rank_gate_mismatches']} steps")
+    table = ratio_table(measured['times_s'], BASELINE)
+    payload = {'machine': info, 'command': reproduce_command('ddp', argv), 'model': args.model,
+               'batch_per_rank': args.batch_per_rank, 'world_size': args.world_size, 'reps': args.reps,
+               'clock': args.clock, 'flush_denormal': args.flush_denormal,
+               'threads_per_rank': max(1, (os.cpu_count() or 1) // args.world_size), 'variants': table, **measured}
+    other = 'wall' if args.clock == 'cpu' else 'cpu'
+    rows = [[label, f"**{v[f'{args.clock}_ratio']:.3f}x**", f"{v[f'{other}_ratio']:.3f}x",
+             f"{v[f'{args.clock}_median_s']:.3f}"] for label, v in table.items()]
+    markdown = (f"Measured on {machine_line(info)}.\n\nReproduce: `{payload['command']}`\n\n"
+                f"**DDP, {args.world_size} CPU processes (gloo)**, {args.model}, {args.batch_per_rank} images "
+                f"per rank, {payload['threads_per_rank']} torch thread(s) per rank, median of {args.reps} (slowest rank per step); both ranks dropped the same blocks "
+                f"in every block-mode step\n\n"
+                + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
+                                  f'({other} time)', f'median {args.clock} s (this machine)'], rows))
+    paths = write_results(args.out, f"ddp_{args.tag or 'cpu'}", payload, markdown)
+    print(markdown)
+    print('written:', ', '.join(paths))
+    print('reproduce:', payload['command'])
+    return payload
+
+
+if __name__ == '__main__':
+    main()

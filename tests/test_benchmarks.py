@@ -1,0 +1,87 @@
+"""Smoke tests of the benchmark code paths (structure and semantics, never timings)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
+
+from benchmarks import common  # noqa: E402
+from benchmarks import train_step  # noqa: E402
+
+TINY = 'sd_resnet20_cifar'
+
+
+def test_train_step_writes_ratios_and_accounting(tmp_path: Path) -> None:
+    payload = train_step.main([
+        '--reps', '1', '--cifar-model', TINY, '--cifar-batch', '4', '--imagenet-model', '',
+        '--keep-denormals', '--out', str(tmp_path)])
+    cifar = payload['cifar']
+    expected = {'constant depth', 'sd_zoo block', 'sd_zoo sample', *common.PEERS, '(accounting) no block alive'}
+    assert expected <= set(cifar['variants'])
+    assert cifar['variants']['constant depth']['cpu_ratio'] == pytest.approx(1.0)
+    assert all(v['reps'] == 1 and v['wall_median_s'] > 0 for v in cifar['variants'].values())
+    assert cifar['limit_block_fraction'] == pytest.approx(6.5 / 9)
+    assert len(cifar['block_mode_active_blocks']) == 1
+    memory = cifar['saved_activation_bytes']
+    assert memory['(accounting) no block alive']['saved_bytes'] < memory['constant depth']['saved_bytes']
+    assert memory['timm DropPath']['saved_bytes'] >= memory['constant depth']['saved_bytes']
+    assert {'non_block_fraction', 'limit_measured_block_costs', 'block_ratio_at_expected_depth'} <= set(
+        cifar['accounting'])
+    on_disk = json.loads((tmp_path / 'train_step_cpu.json').read_text())
+    assert on_disk['cifar']['variants'] == cifar['variants']
+    table = (tmp_path / 'train_step_cpu.md').read_text()
+    assert '| sd_zoo block |' in table and 'python -m benchmarks.train_step' in table
+
+
+def test_peers_share_weights_and_only_mask_in_training() -> None:
+    torch.manual_seed(0)
+    base = common.create_sd(TINY, 'off', num_classes=10).eval()
+    survival = common.create_sd(TINY, 'block').stochastic_depth.survival
+    x = torch.randn(4, 3, 32, 32)
+    for peer in common.PEERS:
+        model = common.add_peer_drop(common.create_sd(TINY, 'off', base.state_dict(), num_classes=10), peer, survival)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), base(x))  # the peers are identities at eval
+        assert all(b.peer_drop.training for b in model.train().sd_blocks())
+
+
+def test_add_peer_drop_refuses_a_stochastic_model() -> None:
+    with pytest.raises(ValueError, match='constant-depth'):
+        common.add_peer_drop(common.create_sd(TINY, 'block'), 'timm DropPath', [0.5] * 9)
+
+
+def test_alternate_rotates_the_order() -> None:
+    calls = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in 'abc'}
+    times = common.alternate(steps, reps=3, warmup=0)
+    assert calls == list('abc' 'bca' 'cab')
+    assert set(times) == {'wall', 'cpu'} and all(len(t) == 3 for t in times['wall'].values())
+
+
+def test_saved_activation_bytes_counts_inputs_not_parameters() -> None:
+    layer = torch.nn.Linear(64, 8)
+    x = torch.randn(16, 64, requires_grad=True)
+    with common.saved_activation_bytes(layer) as saved:
+        layer(x).sum().backward()
+    assert saved['bytes'] == x.numel() * x.element_size()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
+    from benchmarks import ddp
+    payload = ddp.main(['--quick', '--reps', '1', '--keep-denormals', '--out', str(tmp_path)])
+    assert payload['rank_gate_mismatches'] == 0
+    assert set(payload['variants']) == set(ddp.VARIANTS)
+
+
+@pytest.mark.slow
+def test_sample_mode_compiles_to_one_graph(tmp_path: Path) -> None:
+    from benchmarks import compile as compile_bench
+    payload = compile_bench.main(['--quick', '--no-timing', '--keep-denormals', '--out', str(tmp_path)])
+    assert payload['graphs']['sample'] == {'graphs': 1, 'graph_breaks': 0, 'break_reasons': []}
+    assert payload['graphs']['block']['graph_breaks'] > 0
