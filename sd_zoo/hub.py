@@ -198,13 +198,14 @@ def export_run(
         out_dir: Union[str, Path],
         tag: Optional[str] = None,
         card_dir: Optional[Union[str, Path]] = None,
+        suggest_entry: bool = True,
         baseline_run: Optional[Union[str, Path]] = None,
 ) -> Path:
     """Export a training run's best weights with a card built from its ``results.json``.
 
     The card uses the run's entry in ``sd_zoo/pretrained.py`` when ``<model>.<tag>`` is registered; otherwise
-    an entry is derived from the run (``baseline_run``: its constant-depth twin, compared in the card) and
-    printed, ready to paste there.
+    an entry is derived from the run (``baseline_run``: its constant-depth twin, compared in the card) and,
+    if ``suggest_entry``, printed, ready to paste there.
     """
     from .cards import read_results, render_card, card_filename
     from .pretrained import find_weight
@@ -221,8 +222,9 @@ def export_run(
         weight = weight_from_run(Path(_relative(run_dir)), model, tag, results)
         if baseline_run is not None:
             weight = dataclasses.replace(weight, baseline_run_dir=_relative(Path(baseline_run)))
-        print(f'{name} is not in sd_zoo/pretrained.py yet; add this entry to PUBLISHED, then run '
-              f'`python -m sd_zoo.hub cards`:\n\n{entry_source(weight)}\n')
+        if suggest_entry:
+            print(f'{name} is not in sd_zoo/pretrained.py yet; add this entry to PUBLISHED, then run '
+                  f'`python -m sd_zoo.hub cards`:\n\n{entry_source(weight)}\n')
     card = render_card(weight, results, comparison=_comparison(weight))
     export_model(model, out_dir, card, tag=tag, metadata={'run_dir': _relative(run_dir), 'results': results})
     if card_dir is not None:

@@ -57,7 +57,7 @@ def fashion_mnist_table(results_dir: Path = ROOT / 'results' / 'fashion_mnist') 
             'training time (s) | time ratio |', '|---|---:|---:|---:|---:|---:|']
     for kind, r in res.items():
         rows.append(f"| {kind} depth | {100 * r['test_error_at_best_val']:.2f} | {r['best_epoch']} "
-                    f"| {r['mean_active_depth']:.2f} of {r['settings']['num_blocks']} "
+                    f"| {r['mean_active_depth']:.2f} of {r['run']['num_blocks']} "
                     f"| {r['train_time_s']:.0f} | {r['train_time_s'] / base_time:.3f} |")
     return '\n'.join(rows)
 
