@@ -1,0 +1,92 @@
+"""Headline table from the results of train_step, ddp and compile (the table the project README shows).
+
+Run from the repository root after the benchmarks::
+
+    python -m benchmarks.report                 # reads and writes benchmarks/results/*_cpu.*
+    python -m benchmarks.report --tag cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_atomic
+
+PEER_ROWS = ('sd_zoo block', 'sd_zoo sample', 'timm DropPath', 'torchvision SD batch', 'torchvision SD row')
+
+
+def _load(out: str, name: str, tag: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(out, f'{name}_{tag}.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ratio(entry: Dict[str, Any], clock: str) -> str:
+    return f"{entry[f'{clock}_ratio']:.3f}x"
+
+
+def train_rows(train: Dict[str, Any]) -> List[List[str]]:
+    parts = [train[k] for k in ('cifar', 'imagenet') if k in train]
+    clock = train['settings']['clock']
+    rows = [[label] + [_ratio(p['variants'][label], clock) for p in parts] for label in PEER_ROWS]
+    rows.append(['limit: sum(p_l) / L (block compute only)'] + [f"{p['limit_block_fraction']:.3f}x" for p in parts])
+    if 'accounting' in parts[0]:
+        acc = parts[0]['accounting']
+        rows.append(['block mode at the expected depth (accounting)', f"{acc['block_ratio_at_expected_depth']:.3f}x"]
+                    + ['-'] * (len(parts) - 1))
+        rows.append(['limit with the measured per-stage block costs', f"{acc['limit_measured_block_costs']:.3f}x"]
+                     + ['-'] * (len(parts) - 1))
+    return rows
+
+
+def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optional[Dict[str, Any]]) -> str:
+    parts = [train[k] for k in ('cifar', 'imagenet') if k in train]
+    clock = train['settings']['clock']
+    head = ['training step vs constant depth'] + [
+        f"{p['model']} (batch {p['batch']}, {p['input_size']}px)" for p in parts]
+    text = markdown_table(head, train_rows(train))
+    extra = []
+    if 'eval' in train:
+        ev = train['eval']
+        extra.append([f"eval forward, {ev['model']} vs {ev['peer']} (batch {ev['batch']})",
+                      _ratio(ev['variants'][ev['model']], clock)])
+    if ddp:
+        for label in ('constant depth, find_unused_parameters', 'sd_zoo block, find_unused_parameters'):
+            extra.append([f"DDP, 2 CPU ranks, {ddp['model']}: {label}", _ratio(ddp['variants'][label], ddp['clock'])])
+    if comp:
+        extra.append([f"torch.compile graphs of a training forward, {comp['model']}: off / sample / block",
+                      ' / '.join(str(comp['graphs'][m]['graphs']) for m in ('off', 'sample', 'block'))])
+        if 'variants' in comp:
+            for label in ('constant depth, compiled', 'sd_zoo block, branches compiled', 'sd_zoo sample, compiled'):
+                extra.append([f"compiled training step, {comp['model']}: {label} (vs eager constant depth)",
+                              _ratio(comp['variants'][label], comp['clock'])])
+    if extra:
+        text += '\n' + markdown_table(['other measurements', 'value'], extra)
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--out', default=RESULTS_DIR)
+    parser.add_argument('--tag', default='cpu')
+    args = parser.parse_args(argv)
+    train = _load(args.out, 'train_step', args.tag)
+    if train is None:
+        raise SystemExit(f'no train_step_{args.tag}.json in {args.out}: run `python -m benchmarks.train_step` first')
+    ddp, comp = _load(args.out, 'ddp', args.tag), _load(args.out, 'compile', args.tag)
+    commands = [r['command'] for r in (train, ddp, comp) if r]
+    clock = train['settings']['clock']
+    text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n" + headline(train, ddp, comp)
+            + '\nReproduce:\n\n```\n' + '\n'.join(commands + [f'python -m benchmarks.report --tag {args.tag}'])
+            + '\n```\n')
+    write_atomic(os.path.join(args.out, f'summary_{args.tag}.md'), text)
+    print(text)
+    return text
+
+
+if __name__ == '__main__':
+    main()
