@@ -102,7 +102,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         'load_average_at_start': [round(v, 2) for v in os.getloadavg()],
         'python': platform.python_version(), 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'timm': timm.__version__, 'sd_zoo': sd_zoo.__version__,
-        'flush_denormal': _SETTINGS['flush_denormal'], 'device': str(device), 'date_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
+        'flush_denormal': _SETTINGS['flush_denormal'], 'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'), 'device': str(device), 'date_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
     }
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)
@@ -313,6 +313,8 @@ def write_results(out_dir: str, stem: str, payload: Dict[str, Any], markdown: st
 def machine_line(info: Mapping[str, Any]) -> str:
     where = info.get('gpu') or f"{info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
     denormals = '; denormals flushed to zero' if info.get('flush_denormal') else ''
+    if info.get('omp_wait_policy'):
+        denormals += f"; OMP_WAIT_POLICY={info['omp_wait_policy']}"
     return (f"{where}; torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}; "
             f"load average at start {info['load_average_at_start']}{denormals}; {info['date_utc']} UTC")
 

@@ -2,7 +2,8 @@
 
 Variants, all on the same weights, timed round-robin in one process:
 
-* ``constant depth``: the sd_ model with ``drop_path_rate=0`` (the baseline of every ratio);
+* ``constant depth``: the sd_ model with ``drop_path_rate=0`` (the baseline of every ratio), and a second copy
+  of it whose ratio shows the noise of the measurement;
 * ``sd_zoo block`` (linear rule, p_L = 0.5, dropped branches skipped) and ``sd_zoo sample`` (per-sample mask);
 * peers, same architecture and per-block rates 1 - p_l: a copy of the constant-depth model whose blocks
   compute ``act(shortcut + peer(branch(x)))`` with timm's ``DropPath`` or torchvision's ``StochasticDepth``
@@ -32,6 +33,7 @@ from benchmarks.common import (
 )
 
 BASELINE = 'constant depth'
+CONTROL = 'constant depth, 2nd copy (noise control)'
 BLOCK = 'sd_zoo block'
 NO_BLOCKS = '(accounting) no block alive'
 
@@ -83,7 +85,7 @@ def build_train_variants(name: str, args: argparse.Namespace, accounting: bool,
     weights = base.state_dict()
     block = create_sd(name, 'block', weights, drop_path_rate=args.drop_path_rate, **extra)
     survival = block.stochastic_depth.survival
-    variants = {BASELINE: base, BLOCK: block,
+    variants = {BASELINE: base, CONTROL: create_sd(name, 'off', weights, **extra), BLOCK: block,
                 'sd_zoo sample': create_sd(name, 'sample', weights, drop_path_rate=args.drop_path_rate, **extra)}
     for peer in PEERS:
         variants[peer] = add_peer_drop(create_sd(name, 'off', weights, **extra), peer, survival)
