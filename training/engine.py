@@ -122,9 +122,13 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
                            dampening=0.0, weight_decay=cfg.weight_decay)
 
 
-def _zero_grads(model: nn.Module) -> None:
-    """Give every parameter a zero gradient, so that a block dropped in a step still gets weight decay and
-    momentum (the authors' code); ``zero_grad(set_to_none=False)`` then keeps it a zero tensor."""
+def _fill_missing_grads(model: nn.Module) -> None:
+    """Give each parameter without a gradient (a dropped block's) a fresh zero one before the optimizer step,
+    so that it still gets weight decay and momentum, as in the authors' code.
+
+    Filled after backward (and after DDP's all-reduce) and dropped again by ``zero_grad(set_to_none=True)``,
+    so DDP never meets a gradient it did not produce.
+    """
     for p in model.parameters():
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -389,11 +393,13 @@ def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Opt
                     f'stopped without saving. Last good checkpoint: {ctx.checkpointer.last_path or "none"}. '
                     f'Resume from it with a lower --lr, or without --mixed-precision fp16.')
             if acc.sync_gradients:
+                if cfg.decay_dropped:
+                    _fill_missing_grads(model)
                 grad = acc.unwrap_model(model).conv1.weight.grad
                 scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
                 _add(sums, first_conv_grad=float(grad.abs().mean()) / scale, grad_steps=1)
             ctx.optimizer.step()
-            ctx.optimizer.zero_grad(set_to_none=not cfg.decay_dropped)
+            ctx.optimizer.zero_grad(set_to_none=True)
         state.batches_done += 1
         _add(sums, loss=loss_value * len(y), seen=len(y), depth=active, forwards=1,
              images=len(y) * acc.num_processes)
@@ -514,8 +520,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     ctx.acc.register_for_checkpointing(ctx.scheduler, ctx.sd, state)
     ctx.checkpointer = Checkpointer(ctx.acc, Path(cfg.output_dir) / 'checkpoints', cfg.keep_last)
     resumed_from = _resume(ctx, state)
-    if cfg.decay_dropped:
-        _zero_grads(ctx.model)
     ctx.logger = RunLogger(ctx.acc, cfg, ctx.bundle, ctx.sd, resumed_from)
     status = 'completed'
     with _StopOnSignal() as stop:
