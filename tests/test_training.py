@@ -73,6 +73,14 @@ def test_train_synthetic_leaves_every_output(tmp_path):
     assert config['architecture'] == 'sd_resnet20_cifar' and config['model_args']['drop_path_scaling'] == 'train'
 
 
+def test_bf16_gradient_accumulation_channels_last(tmp_path):
+    res = run(tmp_path, '--mixed-precision', 'bf16', '--grad-accum', '2', '--channels-last', '--epochs', '1')
+    rows = json.loads((tmp_path / 'metrics.json').read_text())['epochs']
+    assert res['status'] == 'completed' and res['global_step'] == 4  # 8 micro-batches of 8, 2 per step
+    assert math.isfinite(rows[0]['train_loss']) and 0 < rows[0]['mean_active_depth'] < 9
+    assert (tmp_path / 'best_model' / 'model.safetensors').is_file()
+
+
 @pytest.mark.skipif(not (FASHION_DIR / 'train-images-idx3-ubyte.gz').is_file(), reason='dataset-fashion-mnist missing')
 def test_train_fashion_mnist_subset(tmp_path):
     res = cifar.main(['--preset', 'fashion_mnist', '--limit', '384', '--epochs', '1', '--batch-size', '32',

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

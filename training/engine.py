@@ -31,7 +31,7 @@ import timm
 import sd_zoo  # noqa: F401  (registers the sd_ models)
 from sd_zoo import fold_test_scaling
 
-from .data import DataError, DatasetBundle, build_datasets
+from .data import DatasetBundle, build_datasets
 from .recipes import TrainConfig, validate_config
 
 __all__ = ['train', 'TrainingError', 'ConfigError', 'NonFiniteLossError', 'TrainState', 'lr_factor',
@@ -211,7 +211,7 @@ def export_best_weights(model: nn.Module, dest: Path, cfg: TrainConfig, bundle: 
     with the default arguments evaluates it correctly. The Hub exporter may replace this function.
     """
     from timm.models import save_for_hf
-    export = fold_test_scaling(copy.deepcopy(model).cpu().eval())
+    export = fold_test_scaling(copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format))
     export.stochastic_depth.generator = torch.Generator()  # nothing of the training state travels
     in_chans = cfg.in_chans or bundle.in_chans
     export.in_chans = in_chans  # timm reads the channel count of the export from this attribute

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['TrainConfig', 'PRESETS', 'PAPER_RUNS', 'DATASETS', 'build_parser', 'config_from_args', 'validate_config']
