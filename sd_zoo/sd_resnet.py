@@ -56,9 +56,13 @@ class _SDBlock(nn.Module):
         if _is_dropped(scale):
             # x is the output of a ReLU, so a dropped identity block is exactly x
             return shortcut if self.downsample is None else self.act_out(shortcut)
+        branch = self.branch(x)
         if isinstance(scale, torch.Tensor):
-            return self.act_out(torch.addcmul(shortcut, self.branch(x), scale))
-        return self.act_out(torch.add(shortcut, self.branch(x), alpha=scale))
+            return self.act_out(torch.addcmul(shortcut, branch, scale))
+        if scale == 1.0:
+            # in place, as timm's blocks add (BatchNorm's backward does not need its output): no new tensor
+            return self.act_out(branch.add_(shortcut))
+        return self.act_out(torch.add(shortcut, branch, alpha=scale))
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -223,6 +227,7 @@ class SDResNet(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.stochastic_depth = StochasticDepth(
