@@ -62,6 +62,16 @@ def fashion_mnist_table(results_dir: Path = ROOT / 'results' / 'fashion_mnist') 
     return '\n'.join(rows)
 
 
+def paper_table() -> str:
+    """The command for every row of the paper's results, beside the paper's numbers (training/recipes.py)."""
+    sys.path.insert(0, str(ROOT))
+    from training.recipes import PAPER_RUNS
+    rows = ['| paper result | constant depth (%) | stochastic depth (%) | command (stochastic depth) |',
+            '|---|---:|---:|---|']
+    rows += [f"| {r['row']} | {r['constant']} | {r['stochastic']} | `{r['command']}` |" for r in PAPER_RUNS]
+    return '\n'.join(rows)
+
+
 def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'latest.md') -> str:
     return path.read_text().strip() if path.exists() else '_No benchmark results are committed yet._'
 
@@ -70,6 +80,7 @@ BLOCKS: Dict[str, Callable[[], str]] = {
     'models': model_table,
     'weights': weights_table,
     'fashion_mnist': fashion_mnist_table,
+    'paper': paper_table,
     'benchmarks': benchmark_table,
 }
 
