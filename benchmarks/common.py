@@ -102,7 +102,8 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         'load_average_at_start': [round(v, 2) for v in os.getloadavg()],
         'python': platform.python_version(), 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'timm': timm.__version__, 'sd_zoo': sd_zoo.__version__,
-        'flush_denormal': _SETTINGS['flush_denormal'], 'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'), 'device': str(device), 'date_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
+        'flush_denormal': _SETTINGS['flush_denormal'], 'omp_wait_policy': os.environ.get('OMP_WAIT_POLICY'),
+        'device': str(device), 'date_utc': time.strftime('%Y-%m-%d %H:%M', time.gmtime()),
     }
     if device.type == 'cuda':
         info['gpu'] = torch.cuda.get_device_name(device)

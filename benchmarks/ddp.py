@@ -135,8 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
              f"{v[f'{args.clock}_median_s']:.3f}"] for label, v in table.items()]
     markdown = (f"Measured on {machine_line(info)}.\n\nReproduce: `{payload['command']}`\n\n"
                 f"**DDP, {args.world_size} CPU processes (gloo)**, {args.model}, {args.batch_per_rank} images "
-                f"per rank, {payload['threads_per_rank']} torch thread(s) per rank, median of {args.reps} (slowest rank per step); both ranks dropped the same blocks "
-                f"in every block-mode step\n\n"
+                f"per rank, {payload['threads_per_rank']} torch thread(s) per rank, median of {args.reps} "
+                f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step\n\n"
                 + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
                                   f'({other} time)', f'median {args.clock} s (this machine)'], rows))
     paths = write_results(args.out, f"ddp_{args.tag or 'cpu'}", payload, markdown)
