@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
 from benchmarks import common  # noqa: E402
-from benchmarks import train_step  # noqa: E402
+from benchmarks import report, train_step  # noqa: E402
 
 TINY = 'sd_resnet20_cifar'
 
@@ -36,6 +36,8 @@ def test_train_step_writes_ratios_and_accounting(tmp_path: Path) -> None:
     assert on_disk['cifar']['variants'] == cifar['variants']
     table = (tmp_path / 'train_step_cpu.md').read_text()
     assert '| sd_zoo block |' in table and 'python -m benchmarks.train_step' in table
+    summary = report.main(['--out', str(tmp_path)])
+    assert '| sd_zoo block |' in summary and (tmp_path / 'summary_cpu.md').exists()
 
 
 def test_peers_share_weights_and_only_mask_in_training() -> None:
