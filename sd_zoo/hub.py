@@ -65,6 +65,8 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.tmp-', dir=target.parent))
     try:
         yield tmp
+        for path in (tmp, *tmp.rglob('*')):  # mkdtemp's private 0700 is not what a shared export wants
+            path.chmod(0o755 if path.is_dir() else 0o644)
         old = target.with_name(f'.{target.name}.old-{os.getpid()}')
         if target.exists():
             os.replace(target, old)

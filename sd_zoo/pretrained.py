@@ -86,6 +86,7 @@ class PublishedWeight:
     paper_ids: str = 'arXiv:1603.09382'
     extra_citations: Tuple[str, ...] = ()
     notes: Tuple[str, ...] = ()
+    default: bool = True
 
     @property
     def name(self) -> str:
@@ -200,6 +201,33 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
         (('top1', 81.77, 224), ('top5', 95.22, 224), ('top1', 82.62, 288), ('top5', 95.75, 288))),
     # Weights trained by this project are added here, one entry per run; `python -m sd_zoo.hub export --run
     # <run_dir>` prints the entry to paste (data cfg read from the run, numbers left in its results.json).
+    PublishedWeight(
+        model='sd_resnet20_cifar',
+        tag='fashion_mnist',
+        hub_repo='sd_resnet20_cifar.fashion_mnist',
+        trained_by='sd_zoo',
+        dataset='Fashion-MNIST',
+        dataset_id='fashion_mnist',
+        data_cfg={'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (7, 7), 'crop_pct': 1.0,
+                  'interpolation': 'bilinear', 'mean': (0.286,), 'std': (0.353,)},
+        recipe=(),
+        train_command=('python training/cifar.py --preset fashion_mnist --drop-path-rate 0.5 --threads 1 '
+                       '--no-progress --epochs 8 --milestones 4,6 '
+                       '--output-dir results/fashion_mnist/sd_resnet20_stochastic --resume latest'),
+        stochastic_depth=("sd_zoo's block mode (one gate per block per mini-batch, dropped branches skipped, as "
+                          "in the paper), linear schedule, p_L = 0.5"),
+        provenance=('Trained by sd_zoo with its own training script on the CPU of its 2-core development machine, '
+                    'beside a constant-depth twin (same seed, split and recipe, `--drop-path-rate 0`); run '
+                    'folders `results/fashion_mnist/sd_resnet20_stochastic` and `..._constant` (results.json, '
+                    'metrics, plots). Exported with `sd-zoo-export --run results/fashion_mnist/'
+                    'sd_resnet20_stochastic --baseline-run results/fashion_mnist/sd_resnet20_constant '
+                    '--tag fashion_mnist --out results/fashion_mnist/export`.'),
+        run_dir='results/fashion_mnist/sd_resnet20_stochastic',
+        baseline_run_dir='results/fashion_mnist/sd_resnet20_constant',
+        notes=('28 x 28 single-channel images fed as they are (in_chans=1, no resizing); the plain name '
+               '`sd_resnet20_cifar` keeps its untrained CIFAR defaults, so ask for this tag explicitly.',),
+        default=False,
+    ),
 )
 
 
@@ -214,18 +242,23 @@ def find_weight(name: str) -> Optional[PublishedWeight]:
 
 def with_published_weights(base_cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """The cfgs for ``generate_default_cfgs``: one ``'<model>.<tag>'`` entry per published weight (the model's
-    base cfg updated with the weight's facts), then the untagged base cfg of every model without weights.
+    base cfg updated with the weight's facts) and the untagged base cfg of every model without a default weight.
 
+    timm's default tag of a model is its first weight: for weights with ``default=False`` (say, trained on another
+    input modality) the untagged cfg is marked as the default, so the plain name keeps the architecture's defaults.
     ``base_cfgs`` maps model names to their untagged cfg dicts (``sd_resnet`` passes its own).
     """
     _BASE_CFGS.update(base_cfgs)
-    out = {}
-    for weight in PUBLISHED:
-        if weight.model not in base_cfgs:
-            raise ValueError(f'published weight {weight.name} names an unknown model; known: {sorted(base_cfgs)}')
-        out[weight.name] = {**base_cfgs[weight.model], **weight.pretrained_cfg()}
-    with_weights = {w.model for w in PUBLISHED}
-    out.update({name: cfg for name, cfg in base_cfgs.items() if name not in with_weights})
+    unknown = [w.name for w in PUBLISHED if w.model not in base_cfgs]
+    if unknown:
+        raise ValueError(f'published weights {unknown} name unknown models; known: {sorted(base_cfgs)}')
+    out: Dict[str, Dict[str, Any]] = {}
+    for model, base in base_cfgs.items():
+        weights = sorted((w for w in PUBLISHED if w.model == model), key=lambda w: not w.default)
+        out.update({w.name: {**base, **w.pretrained_cfg()} for w in weights})
+        if not any(w.default for w in weights):
+            # 'model.*' is timm's mark of an explicit default; it must follow the tags with weights
+            out[f'{model}.*' if weights else model] = base
     return out
 
 
@@ -272,7 +305,7 @@ def _headline(weight: PublishedWeight) -> str:
         from pathlib import Path
         from .cards import read_results, run_figures  # cards imports this module: import late
         results = run_figures(weight, read_results(Path(__file__).resolve().parent.parent / weight.run_dir))
-    shown = [f'{r.metric} {"error " if r.metric == "error" else ""}{r.value:g}% @ {r.img_size} ({r.split})'
+    shown = [f'{r.metric} {r.value:g}% @ {r.img_size} ({r.split})'
              for r in results if r.metric in ('top1', 'error')]
     return ', '.join(shown) or 'n/a'
 
@@ -284,7 +317,7 @@ def readme_table() -> str:
         rows.append(
             f'| `{w.name}` | [{w.repo_id}](https://huggingface.co/{w.repo_id}) | {w.trained_by} | {w.dataset} '
             f'| {_headline(w)} |')
-    return '\n'.join(rows) + '\n'
+    return '\n'.join(rows)
 
 
 def names() -> List[str]:

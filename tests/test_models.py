@@ -88,7 +88,7 @@ def test_block_mode_never_runs_dropped_branches():
     for name, module in model.named_modules():
         if id(module) in blocks:
             block_of_conv.update({f'{name}.conv1': module.sd_index, f'{name}.conv2': module.sd_index})
-    model(small_input(model, 4)).sum().backward()
+    model(small_input(model, 4).requires_grad_()).sum().backward()
     active = model.stochastic_depth.last_active
     assert 0 < sum(active) < len(active)  # the draw dropped some and kept some
     for conv_name, index in block_of_conv.items():
