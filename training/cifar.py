@@ -35,14 +35,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     cfg = config_from_args(parser.parse_args(argv))
     if cfg.dataset == 'imagenet':
         parser.error('--dataset=imagenet: use training/imagenet.py for ImageNet')
-    from training.data import DataError
-    from training.engine import ConfigError, TrainingError, train
-    try:
-        return train(cfg)
-    except ConfigError as e:
-        parser.error(str(e))
-    except (DataError, TrainingError) as e:
-        raise SystemExit(f'error: {e}') from e
+    from training.engine import run_cli  # after parsing: --help stays fast
+    return run_cli(cfg, parser)
 
 
 if __name__ == '__main__':

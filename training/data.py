@@ -348,8 +348,9 @@ def build_datasets(cfg: Any) -> DatasetBundle:
     if cfg.dataset == 'synthetic':
         return _tensor_bundle(cfg, _synthetic_splits(cfg), 10, (0.5,) * (cfg.in_chans or 3), (0.25,) * (cfg.in_chans or 3))
     if cfg.dataset != 'synthetic' and not root.is_dir() and not cfg.download:
+        debian = ' or install the Debian package dataset-fashion-mnist,' if cfg.dataset == 'fashion_mnist' else ''
         raise DataError(f'{root}: no such folder for dataset {cfg.dataset!r}. Pass --data-dir to the folder that '
-                        f'holds it, or add --download (needs internet); see training/data.py for the formats.')
+                        f'holds it,{debian} or add --download (needs internet); see training/data.py for the formats.')
     if cfg.dataset == 'fashion_mnist':
         return _tensor_bundle(cfg, _load_fashion_mnist(root, cfg.download), 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     if cfg.dataset in ('cifar10', 'cifar100'):

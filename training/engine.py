@@ -10,6 +10,7 @@ block mode can skip branches. The learning-rate schedule is per epoch and steppe
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import dataclasses
@@ -31,10 +32,10 @@ import timm
 import sd_zoo  # noqa: F401  (registers the sd_ models)
 from sd_zoo import fold_test_scaling
 
-from .data import DatasetBundle, build_datasets
+from .data import DataError, DatasetBundle, build_datasets
 from .recipes import TrainConfig, validate_config
 
-__all__ = ['train', 'TrainingError', 'ConfigError', 'NonFiniteLossError', 'TrainState', 'lr_factor',
+__all__ = ['train', 'run_cli', 'TrainingError', 'ConfigError', 'NonFiniteLossError', 'TrainState', 'lr_factor',
            'export_best_weights', 'resolve_checkpoint']
 
 
@@ -542,3 +543,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         ctx.acc.print(f'checkpoint saved in {ctx.checkpointer.last_path}; continue with --resume latest')
     ctx.acc.wait_for_everyone()
     return results
+
+
+def run_cli(cfg: TrainConfig, parser: 'argparse.ArgumentParser') -> Dict[str, Any]:
+    """:func:`train` for a script: bad settings go through ``parser.error``, data and run errors exit with
+    their message (no traceback: the message says what is wrong and what to do)."""
+    try:
+        return train(cfg)
+    except ConfigError as e:
+        parser.error(str(e))
+    except (DataError, TrainingError) as e:
+        raise SystemExit(f'error: {e}') from e

@@ -29,14 +29,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     cfg = config_from_args(parser.parse_args(argv))
     if cfg.dataset not in ('imagenet', 'synthetic'):
         parser.error(f'--dataset={cfg.dataset!r}: use training/cifar.py for the small-image datasets')
-    from training.data import DataError
-    from training.engine import ConfigError, TrainingError, train
-    try:
-        return train(cfg)
-    except ConfigError as e:
-        parser.error(str(e))
-    except (DataError, TrainingError) as e:
-        raise SystemExit(f'error: {e}') from e
+    from training.engine import run_cli  # after parsing: --help stays fast
+    return run_cli(cfg, parser)
 
 
 if __name__ == '__main__':
