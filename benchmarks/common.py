@@ -304,10 +304,14 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def write_results(out_dir: str, stem: str, payload: Dict[str, Any], markdown: str) -> List[str]:
-    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``; returns the paths."""
+    """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``, print the tables and how to reproduce them;
+    returns the paths."""
     json_path, md_path = os.path.join(out_dir, f'{stem}.json'), os.path.join(out_dir, f'{stem}.md')
     write_atomic(json_path, json.dumps(payload, indent=2, sort_keys=False) + '\n')
     write_atomic(md_path, markdown)
+    print(markdown)
+    print('written:', ', '.join([json_path, md_path]))
+    print('reproduce:', payload['command'])
     return [json_path, md_path]
 
 

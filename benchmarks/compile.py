@@ -127,10 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         payload['variants'], payload['times_s'] = ratio_table(times, BASELINE), times
         payload['reps'] = args.reps
         markdown += '\n' + timing_markdown(payload, args)
-    paths = write_results(args.out, f"compile_{args.tag or device.type}", payload, markdown)
-    print(markdown)
-    print('written:', ', '.join(paths))
-    print('reproduce:', payload['command'])
+    write_results(args.out, f"compile_{args.tag or device.type}", payload, markdown)
     return payload
 
 

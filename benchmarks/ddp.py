@@ -139,10 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step\n\n"
                 + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
                                   f'({other} time)', f'median {args.clock} s (this machine)'], rows))
-    paths = write_results(args.out, f"ddp_{args.tag or 'cpu'}", payload, markdown)
-    print(markdown)
-    print('written:', ', '.join(paths))
-    print('reproduce:', payload['command'])
+    write_results(args.out, f"ddp_{args.tag or 'cpu'}", payload, markdown)
     return payload
 
 

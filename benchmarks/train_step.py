@@ -296,10 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         parts += [train_markdown(payload['imagenet']), eval_markdown(payload['eval'])]
     markdown = (f"Measured on {machine_line(info)}.\n\nReproduce: `{payload['command']}`\n\n"
                 + '\n'.join(parts))
-    paths = write_results(args.out, f"train_step_{args.tag or device.type}", payload, markdown)
-    print(markdown)
-    print('written:', ', '.join(paths))
-    print('reproduce:', payload['command'])
+    write_results(args.out, f"train_step_{args.tag or device.type}", payload, markdown)
     return payload
 
 

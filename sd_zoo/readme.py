@@ -72,7 +72,7 @@ def paper_table() -> str:
     return '\n'.join(rows)
 
 
-def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'latest.md') -> str:
+def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'summary_cpu.md') -> str:
     return path.read_text().strip() if path.exists() else '_No benchmark results are committed yet._'
 
 
