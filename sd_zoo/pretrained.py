@@ -225,7 +225,10 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
         run_dir='results/fashion_mnist/sd_resnet20_stochastic',
         baseline_run_dir='results/fashion_mnist/sd_resnet20_constant',
         notes=('28 x 28 single-channel images fed as they are (in_chans=1, no resizing); the plain name '
-               '`sd_resnet20_cifar` keeps its untrained CIFAR defaults, so ask for this tag explicitly.',),
+               '`sd_resnet20_cifar` keeps its untrained CIFAR defaults, so ask for this tag explicitly.',
+               'The two runs shared a busy 2-core CPU (one thread each, other jobs beside them), so their time '
+               'ratio is a rough measurement; the controlled one is in the project\'s `benchmarks/`. On this '
+               'shallow 9-block network and 8-epoch schedule stochastic depth did worse than constant depth.'),
         default=False,
     ),
 )

@@ -54,7 +54,7 @@ def fashion_mnist_table(results_dir: Path = ROOT / 'results' / 'fashion_mnist') 
     res = {kind: _read_json(p) for kind, p in runs.items()}
     base_time = res['constant']['train_time_s']
     rows = ['| run | test error at best-val epoch (%) | best epoch | mean active blocks | '
-            'training time (s) | time ratio |', '|---|---:|---:|---:|---:|---:|']
+            'training time (s) | training-time ratio |', '|---|---:|---:|---:|---:|---:|']
     for kind, r in res.items():
         rows.append(f"| {kind} depth | {100 * r['test_error_at_best_val']:.2f} | {r['best_epoch']} "
                     f"| {r['mean_active_depth']:.2f} of {r['run']['num_blocks']} "
