@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch._dynamo
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import (
-    TrainStep, add_device_args, alternate, apply_device_args, autocast, create_sd, machine_info,
+    TrainStep, add_device_args, alternate, apply_device_args, create_sd, machine_info,
     machine_line, markdown_table, prepare, ratio_table, reproduce_command, synchronize, write_results,
 )
 

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -98,11 +97,13 @@ def export_model(
         card: str,
         tag: Optional[str] = None,
         metadata: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write ``model`` (an `sd_` model made by ``timm.create_model``) as a Hub-ready folder; return its path.
 
     The weights are folded into ``train`` scaling on a copy; ``card`` is the README.md text; ``tag`` and
-    ``metadata`` go into config.json (``pretrained_cfg.tag`` and a top-level ``sd_zoo`` entry).
+    ``metadata`` go into config.json (``pretrained_cfg.tag`` and a top-level ``sd_zoo`` entry);
+    ``data_config`` (input_size, mean, std, crop_pct, ...) is the preprocessing the weights were trained with.
     """
     from timm.models._hub import save_config_for_hf
     from safetensors.torch import save_file
@@ -124,7 +125,7 @@ def export_model(
     with _atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={'format': 'pt'})
         save_config_for_hf(model, str(tmp / CONFIG_FILE), model_config={'pretrained_cfg': cfg_update, **extra},
-                           model_args=_schedule_args(model))
+                           model_args=_schedule_args(model), data_config=data_config)
         (tmp / CARD_FILE).write_text(card, encoding='utf-8')
     return Path(out_dir)
 

@@ -11,7 +11,6 @@ block mode can skip branches. The learning-rate schedule is per epoch and steppe
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import dataclasses
 import json
@@ -30,7 +29,6 @@ from torch.utils.data import DataLoader
 
 import timm
 import sd_zoo  # noqa: F401  (registers the sd_ models)
-from sd_zoo import fold_test_scaling
 
 from .data import DataError, DatasetBundle, build_datasets
 from .recipes import TrainConfig, validate_config
@@ -206,30 +204,15 @@ class Checkpointer:
 
 def export_best_weights(model: nn.Module, dest: Path, cfg: TrainConfig, bundle: DatasetBundle,
                         metadata: Dict[str, Any]) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (timm's ``save_for_hf`` layout) into ``dest``, atomically.
-
-    The copy is folded to train scaling (same eval outputs), so ``timm.create_model(..., pretrained=True)``
-    with the default arguments evaluates it correctly. The Hub exporter may replace this function.
-    """
-    from timm.models import save_for_hf
-    export = fold_test_scaling(copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format))
-    export.stochastic_depth.generator = torch.Generator()  # nothing of the training state travels
+    """Write the run's best weights into ``dest`` with sd_zoo's Hub exporter (safetensors + timm config.json,
+    folded to train scaling, swapped in atomically), so ``timm.create_model`` loads them as they were trained."""
+    from sd_zoo.hub import export_model
     in_chans = cfg.in_chans or bundle.in_chans
-    export.in_chans = in_chans  # timm reads the channel count of the export from this attribute
     data_config = dict(input_size=(in_chans, bundle.img_size, bundle.img_size), mean=tuple(bundle.mean),
                        std=tuple(bundle.std), crop_pct=1.0 if bundle.img_size < 64 else 0.875)
-    tmp = dest.with_name(f'.{dest.name}.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(export, str(tmp), safe_serialization=True,
-                model_config=dict(sd_zoo_training=metadata), model_args=dict(drop_path_scaling='train'),
-                data_config=data_config)
-    old = dest.with_name(f'.{dest.name}.old')
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+    card = (f'# Best-validation weights of `{cfg.output_dir}`\n\nEpoch {metadata["epoch"]}; a full model card: '
+            f'`sd-zoo-export --run {cfg.output_dir} --tag <tag> --out <folder>`.\n')
+    return export_model(model, dest, card, metadata=dict(training=metadata), data_config=data_config)
 
 
 # --------------------------------------------------------------------------------------------- logging
