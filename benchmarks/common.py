@@ -14,7 +14,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import types
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sd_zoo  # noqa: F401  (registers the sd_ models)
+from sd_zoo.hub import write_text_atomic
 import timm
 
 _SETTINGS: Dict[str, Any] = {'flush_denormal': False}
@@ -288,27 +288,12 @@ def saved_activation_bytes(model: nn.Module) -> Iterator[Dict[str, int]]:
 # Output
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder (never a half-written file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp_')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 def write_results(out_dir: str, stem: str, payload: Dict[str, Any], markdown: str) -> List[str]:
     """Write ``<stem>.json`` and ``<stem>.md`` into ``out_dir``, print the tables and how to reproduce them;
     returns the paths."""
     json_path, md_path = os.path.join(out_dir, f'{stem}.json'), os.path.join(out_dir, f'{stem}.md')
-    write_atomic(json_path, json.dumps(payload, indent=2, sort_keys=False) + '\n')
-    write_atomic(md_path, markdown)
+    write_text_atomic(json_path, json.dumps(payload, indent=2, sort_keys=False) + '\n')
+    write_text_atomic(md_path, markdown)
     print(markdown)
     print('written:', ', '.join([json_path, md_path]))
     print('reproduce:', payload['command'])

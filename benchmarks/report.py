@@ -12,7 +12,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
-from benchmarks.common import RESULTS_DIR, machine_line, markdown_table, write_atomic
+from benchmarks.common import RESULTS_DIR, machine_line, markdown_table
+from sd_zoo.hub import write_text_atomic
 
 PEER_ROWS = ('sd_zoo block', 'sd_zoo sample', 'timm DropPath', 'torchvision SD batch', 'torchvision SD row')
 
@@ -83,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n" + headline(train, ddp, comp)
             + '\nReproduce:\n\n```\n' + '\n'.join(commands + [f'python -m benchmarks.report --tag {args.tag}'])
             + '\n```\n')
-    write_atomic(os.path.join(args.out, f'summary_{args.tag}.md'), text)
+    write_text_atomic(os.path.join(args.out, f'summary_{args.tag}.md'), text)
     print(text)
     return text
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     'PretrainedWeightsError', 'export_model', 'export_run', 'publish', 'LocalHubCache', 'load_weights',
-    'create_model', 'explain_load_errors', 'render_all_cards', 'main',
+    'create_model', 'explain_load_errors', 'render_all_cards', 'write_text_atomic', 'main',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
@@ -231,7 +231,7 @@ def export_run(
     card = render_card(weight, results, comparison=_comparison(weight))
     export_model(model, out_dir, card, tag=tag, metadata={'run_dir': _relative(run_dir), 'results': results})
     if card_dir is not None:
-        _write_text(Path(card_dir) / card_filename(weight), card)
+        write_text_atomic(Path(card_dir) / card_filename(weight), card)
     return Path(out_dir)
 
 
@@ -248,11 +248,20 @@ def entry_source(weight: 'PublishedWeight') -> str:
     return 'PublishedWeight(\n' + '\n'.join(lines) + '\n),'
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder: never a half-written file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    tmp.write_text(text, encoding='utf-8')
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.tmp-')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's private 0600 is not what a shared file wants
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def render_all_cards(card_dir: Union[str, Path], check: bool = False) -> List[str]:
@@ -268,7 +277,7 @@ def render_all_cards(card_dir: Union[str, Path], check: bool = False) -> List[st
         if not path.is_file() or path.read_text(encoding='utf-8') != text:
             stale.append(str(path))
             if not check:
-                _write_text(path, text)
+                write_text_atomic(path, text)
     return stale
 
 
@@ -369,7 +378,7 @@ class LocalHubCache:
             return
         main = self._repo(repo_id) / 'refs' / 'main'
         if main.exists():
-            _write_text(ref, main.read_text())
+            write_text_atomic(ref, main.read_text())
 
     def upload_folder(self, repo_id: str, folder_path: str, revision: Optional[str] = None, create_pr: bool = False,
                       commit_message: str = '', allow_patterns: Optional[Sequence[str]] = None,
@@ -391,9 +400,9 @@ class LocalHubCache:
             shutil.copyfile(Path(folder_path) / name, snapshot / name)
         if create_pr:
             num = len(list((repo / 'refs' / 'pr').glob('*'))) + 1 if (repo / 'refs' / 'pr').exists() else 1
-            _write_text(repo / 'refs' / 'pr' / str(num), oid)
+            write_text_atomic(repo / 'refs' / 'pr' / str(num), oid)
             return LocalCommit(oid, f'local://{snapshot}', f'local://{repo_id}/pr/{num}', f'refs/pr/{num}')
-        _write_text(parent_ref, oid)
+        write_text_atomic(parent_ref, oid)
         return LocalCommit(oid, f'local://{snapshot}')
 
 
@@ -541,7 +550,7 @@ def _run_export(args: argparse.Namespace) -> None:
         card = render_card(weight)
         out = export_model(model, args.out, card, tag=weight.tag)
         if args.card_dir:
-            _write_text(Path(args.card_dir) / card_filename(weight), card)
+            write_text_atomic(Path(args.card_dir) / card_filename(weight), card)
     print(f'exported {out}: ' + ', '.join(sorted(p.name for p in Path(out).iterdir())))
 
 

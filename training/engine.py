@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import timm
 import sd_zoo  # noqa: F401  (registers the sd_ models)
+from sd_zoo.hub import export_model, write_text_atomic
 
 from .data import DataError, DatasetBundle, build_datasets
 from .recipes import TrainConfig, validate_config
@@ -151,12 +153,6 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Checkpointer:
     """Atomic checkpoints ``checkpoints/step_<N>``: written to a temporary folder, then renamed; the newest
     ``keep_last`` and the best-validation one are kept; the file ``latest`` names the newest."""
@@ -182,9 +178,9 @@ class Checkpointer:
             if final.exists():  # the same step saved again (e.g. interrupted right after an epoch-end save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_text_atomic(self.root / 'latest', name)
+            write_text_atomic(self.root / 'latest', name)
             if is_best:
-                _write_text_atomic(self.root / 'best', name)
+                write_text_atomic(self.root / 'best', name)
             self._prune()
         acc.wait_for_everyone()
         self.last_path = final
@@ -206,7 +202,6 @@ def export_best_weights(model: nn.Module, dest: Path, cfg: TrainConfig, bundle: 
                         metadata: Dict[str, Any]) -> Path:
     """Write the run's best weights into ``dest`` with sd_zoo's Hub exporter (safetensors + timm config.json,
     folded to train scaling, swapped in atomically), so ``timm.create_model`` loads them as they were trained."""
-    from sd_zoo.hub import export_model
     in_chans = cfg.in_chans or bundle.in_chans
     data_config = dict(input_size=(in_chans, bundle.img_size, bundle.img_size), mean=tuple(bundle.mean),
                        std=tuple(bundle.std), crop_pct=1.0 if bundle.img_size < 64 else 0.875)
@@ -239,14 +234,13 @@ class RunLogger:
             return
         rows = state.history
         fields = list(rows[-1].keys())
-        tmp = self.out / '.metrics.csv.tmp'
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.out / 'metrics.csv')
+        table = io.StringIO(newline='')
+        writer = csv.DictWriter(table, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.out / 'metrics.csv', table.getvalue())
         metrics = dict(run=self.run_info(), epochs=rows)
-        _write_text_atomic(self.out / 'metrics.json', json.dumps(metrics, indent=1))
+        write_text_atomic(self.out / 'metrics.json', json.dumps(metrics, indent=1))
         self._tensorboard(rows[-1])
         self._plots(metrics)
 
@@ -293,7 +287,7 @@ class RunLogger:
             versions=dict(torch=torch.__version__, timm=timm.__version__, sd_zoo=sd_zoo.__version__),
             settings=dataclasses.asdict(self.cfg))
         if self.acc.is_main_process:
-            _write_text_atomic(self.out / 'results.json', json.dumps(results, indent=1))
+            write_text_atomic(self.out / 'results.json', json.dumps(results, indent=1))
         return results
 
     def close(self) -> None:
