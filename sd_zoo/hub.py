@@ -76,18 +76,9 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def _schedule_args(model: nn.Module) -> Dict[str, Any]:
-    """The model_args that rebuild ``model``'s stochastic depth (schedule recovered from the survival list)."""
+    """The model_args that rebuild ``model``'s stochastic depth (exports are always in train scaling)."""
     sd = model.stochastic_depth
-    survival, num_blocks = sd.survival, sd.num_blocks
-    rate = 1.0 - survival[-1]
-    linear = [1.0 - (i / num_blocks) * rate for i in range(1, num_blocks + 1)]
-    if all(abs(p - survival[-1]) < 1e-12 for p in survival):
-        schedule: Any = 'uniform'
-    elif all(abs(p - q) < 1e-12 for p, q in zip(survival, linear)):
-        schedule = 'linear'
-    else:
-        schedule, rate = list(survival), 0.0
-    return dict(drop_path_rate=round(rate, 12), drop_path_schedule=schedule, drop_path_mode=sd.mode,
+    return dict(drop_path_rate=sd.drop_path_rate, drop_path_schedule=sd.schedule, drop_path_mode=sd.mode,
                 drop_path_scaling='train')
 
 

@@ -103,6 +103,9 @@ class StochasticDepth:
         self.mode = _check_choice('drop_path_mode', mode, MODES)
         self.scaling = _check_choice('drop_path_scaling', scaling, SCALINGS)
         self.survival = survival_probabilities(num_blocks, drop_path_rate, schedule)
+        # the arguments as given, so that an export can rebuild exactly this schedule
+        self.drop_path_rate = float(drop_path_rate) if isinstance(schedule, str) else 0.0
+        self.schedule: Schedule = schedule if isinstance(schedule, str) else list(self.survival)
         self.generator = torch.Generator()
         self.manual_seed(int(torch.randint(2 ** 62, (1,), device='cpu').item()) if seed is None else seed)
         self.last_active: Optional[List[bool]] = None
