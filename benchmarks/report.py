@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks.common import RESULTS_DIR, machine_line, markdown_table
+from benchmarks.train_step import with_interval
 from sd_zoo.hub import write_text_atomic
 
 PEER_ROWS = ('sd_zoo block', 'sd_zoo sample', 'timm DropPath', 'torchvision SD batch', 'torchvision SD row')
@@ -37,10 +38,13 @@ def train_rows(train: Dict[str, Any]) -> List[List[str]]:
     rows.append(['limit: sum(p_l) / L (block compute only)'] + [f"{p['limit_block_fraction']:.3f}x" for p in parts])
     if 'accounting' in parts[0]:
         acc = parts[0]['accounting']
-        rows.append(['block mode at the expected depth (accounting)', f"{acc['block_ratio_at_expected_depth']:.3f}x"]
-                    + ['-'] * (len(parts) - 1))
-        rows.append(['limit with the measured per-stage block costs', f"{acc['limit_measured_block_costs']:.3f}x"]
-                     + ['-'] * (len(parts) - 1))
+        rows.append(['block mode at the expected depth (accounting; 95% interval)',
+                     with_interval(acc, 'block_ratio_at_expected_depth')] + ['-'] * (len(parts) - 1))
+        rows.append(['limit with the measured per-stage block costs',
+                     with_interval(acc, 'limit_measured_block_costs')] + ['-'] * (len(parts) - 1))
+        if 'target' in acc:
+            label = f"target: block mode at most {acc['target']:.2f}x (at the expected depth)"
+            rows.append([label, acc['target_verdict']] + ['-'] * (len(parts) - 1))
     return rows
 
 

@@ -20,6 +20,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -49,13 +50,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--imagenet-reps', type=int, default=None)
     parser.add_argument('--drop-path-rate', type=float, default=0.5, help='1 - p_L (default 0.5)')
     parser.add_argument('--no-accounting', action='store_true', help='skip the stage-by-stage accounting')
+    parser.add_argument('--target', type=float, default=0.78,
+                        help='target for block mode vs constant depth of the CIFAR model (default 0.78)')
+    parser.add_argument('--bootstrap', type=int, default=2000,
+                        help='bootstrap resamples of the repetitions for the 95%% intervals (default 2000)')
     args = parser.parse_args(argv)
     if args.quick:
         args.cifar_model = 'sd_resnet56_cifar' if args.cifar_model == 'sd_resnet110_cifar' else args.cifar_model
         args.cifar_batch = min(args.cifar_batch, 32)
         args.imagenet_model = 'sd_resnet50' if args.imagenet_model == 'sd_resnet152' else args.imagenet_model
         args.imagenet_batch, args.img_size = min(args.imagenet_batch, 2), min(args.img_size, 128)
-    args.reps = args.reps or (3 if args.quick else 7)
+    args.reps = args.reps or (3 if args.quick else 15)
     args.imagenet_reps = args.imagenet_reps or (2 if args.quick else 3)
     return args
 
@@ -138,7 +143,12 @@ def run_train(name: str, batch: int, size: int, reps: int, args: argparse.Namesp
     if device.type == 'cuda':
         result['images_per_s'] = {label: batch / median(t) for label, t in times['wall'].items()}
     if accounting:
-        result['accounting'] = account(times[args.clock], realized, variants[BASELINE], sd.survival)
+        acc = account(times[args.clock], realized, variants[BASELINE], sd.survival)
+        acc['interval_95'] = bootstrap_interval(times[args.clock], realized, variants[BASELINE], sd.survival,
+                                                args.bootstrap)
+        acc['target'] = args.target
+        acc['target_verdict'] = verdict(acc['interval_95']['block_ratio_at_expected_depth'], args.target)
+        result['accounting'] = acc
     return result
 
 
@@ -183,8 +193,51 @@ def account(times: Dict[str, List[float]], realized: List[List[bool]], model: nn
         'limit_measured_block_costs': t_limit / t_const,
         'block_ratio_at_expected_depth': median(corrected) / t_const,
         'block_ratio_measured': median(times[BLOCK]) / t_const,
+        'gap_to_limit': (median(corrected) - t_limit) / t_const,
         'realized_mean_active': sum(map(sum, realized)) / max(1, len(realized)),
     }
+
+
+INTERVAL_KEYS = ('block_ratio_measured', 'block_ratio_at_expected_depth', 'limit_measured_block_costs',
+                 'gap_to_limit')
+
+
+def bootstrap_interval(times: Dict[str, List[float]], realized: List[List[bool]], model: nn.Module,
+                       survival: Sequence[float], resamples: int, seed: int = 0) -> Dict[str, List[float]]:
+    """95% percentile-bootstrap intervals of the accounting's ratios.
+
+    The unit resampled is a repetition (one round of every variant, timed side by side, and the draw block
+    mode made in it), so the pairing of the variants within a round and the draw noise both carry over.
+    """
+    rng = random.Random(seed)
+    reps = len(realized)
+    samples: Dict[str, List[float]] = {key: [] for key in INTERVAL_KEYS}
+    for _ in range(resamples):
+        idx = [rng.randrange(reps) for _ in range(reps)]
+        acc = account({k: [v[i] for i in idx] for k, v in times.items()}, [realized[i] for i in idx],
+                      model, survival)
+        for key in INTERVAL_KEYS:
+            samples[key].append(acc[key])
+    return {key: [percentile(v, 2.5), percentile(v, 97.5)] for key, v in samples.items()}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def verdict(interval: Sequence[float], target: float) -> str:
+    """'met' / 'not met' only when the whole 95% interval lies on one side of the target."""
+    lo, hi = interval
+    if hi <= target:
+        return 'met'
+    if lo > target:
+        return 'not met'
+    return 'undecided (the 95% interval contains the target)'
 
 
 def run_eval(name: str, timm_name: str, batch: int, size: int, reps: int, args: argparse.Namespace,
@@ -242,14 +295,25 @@ def train_markdown(res: Dict[str, Any]) -> str:
     return title + markdown_table(head, rows)
 
 
+def with_interval(a: Dict[str, Any], key: str, unit: str = 'x') -> str:
+    text = f"{a[key]:.3f}{unit}"
+    if key in a.get('interval_95', {}):
+        lo, hi = a['interval_95'][key]
+        text += f" ({lo:.3f}-{hi:.3f})" if lo >= 0 else f" ({lo:+.3f} to {hi:+.3f})"
+    return text
+
+
 def accounting_markdown(res: Dict[str, Any]) -> str:
     a, phases = res['accounting'], res['phases_median_s']
     rows = [
-        ['block mode, measured (median)', f"{a['block_ratio_measured']:.3f}x"],
-        ['block mode, corrected to the expected depth', f"{a['block_ratio_at_expected_depth']:.3f}x"],
+        ['block mode, measured (median)', with_interval(a, 'block_ratio_measured')],
+        ['block mode, corrected to the expected depth', with_interval(a, 'block_ratio_at_expected_depth')],
         ['limit: non-block time + sum(p_l)/L of the block time', f"{a['limit_equal_blocks']:.3f}x"],
         ['limit: non-block time + measured per-stage block costs x expected blocks',
-         f"{a['limit_measured_block_costs']:.3f}x"],
+         with_interval(a, 'limit_measured_block_costs')],
+        ['block mode at the expected depth minus that limit (what is left for overhead)',
+         with_interval(a, 'gap_to_limit', '')],
+        [f"target: block mode at most {a['target']:.2f}x (at the expected depth)", a['target_verdict']],
         ['non-block share of a constant-depth step (stem, head, loss, optimizer on them, Python)',
          f"{a['non_block_fraction']:.3f}"],
         ['cost of one block by stage, relative to stage 1',
@@ -261,7 +325,8 @@ def accounting_markdown(res: Dict[str, Any]) -> str:
         ['optimizer step, block mode / constant depth (dropped blocks have no grad, so no update)',
          f"{phases[BLOCK]['optimizer'] / phases[BASELINE]['optimizer']:.2f}"],
     ]
-    return f"**Accounting, {res['model']}**\n\n" + markdown_table(['quantity', 'value'], rows)
+    return (f"**Accounting, {res['model']}** (in brackets: 95% bootstrap interval over the {res['reps']} "
+            f"repetitions)\n\n" + markdown_table(['quantity', 'value'], rows))
 
 
 def eval_markdown(res: Dict[str, Any]) -> str:

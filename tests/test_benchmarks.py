@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -30,14 +31,77 @@ def test_train_step_writes_ratios_and_accounting(tmp_path: Path) -> None:
     memory = cifar['saved_activation_bytes']
     assert memory['(accounting) no block alive']['saved_bytes'] < memory['constant depth']['saved_bytes']
     assert memory['timm DropPath']['saved_bytes'] >= memory['constant depth']['saved_bytes']
-    assert {'non_block_fraction', 'limit_measured_block_costs', 'block_ratio_at_expected_depth'} <= set(
-        cifar['accounting'])
+    accounting = cifar['accounting']
+    assert {'non_block_fraction', 'limit_measured_block_costs', 'block_ratio_at_expected_depth'} <= set(accounting)
+    lo, hi = accounting['interval_95']['block_ratio_at_expected_depth']
+    assert lo == pytest.approx(accounting['block_ratio_at_expected_depth']) == pytest.approx(hi)  # one repetition
+    assert accounting['target'] == 0.78 and accounting['target_verdict'] in ('met', 'not met')
     on_disk = json.loads((tmp_path / 'train_step_cpu.json').read_text())
     assert on_disk['cifar']['variants'] == cifar['variants']
     table = (tmp_path / 'train_step_cpu.md').read_text()
     assert '| sd_zoo block |' in table and 'python -m benchmarks.train_step' in table
+    assert f"| target: block mode at most 0.78x (at the expected depth) | {accounting['target_verdict']} |" in table
     summary = report.main(['--out', str(tmp_path)])
     assert '| sd_zoo block |' in summary and (tmp_path / 'summary_cpu.md').exists()
+    assert 'target: block mode at most 0.78x' in summary
+
+
+def _synthetic_run(reps: int, noise: float, seed: int = 0):
+    """Step times of a perfect block mode on sd_resnet20_cifar (3 stages of 3 blocks): a fixed non-block part
+    plus a fixed cost per block of each stage, nothing else; optional multiplicative noise per step."""
+    rng = random.Random(seed)
+    model = common.create_sd(TINY, 'off')
+    survival = common.create_sd(TINY, 'block').stochastic_depth.survival
+    non_block, cost = 0.1, [0.3, 0.2, 0.1]
+    per_block = [c for c in cost for _ in range(3)]
+
+    def timed(active) -> float:
+        return (non_block + sum(c for c, a in zip(per_block, active) if a)) * (1 + rng.uniform(-noise, noise))
+
+    realized = [[rng.random() < p for p in survival] for _ in range(reps)]
+    times = {train_step.BASELINE: [timed([True] * 9) for _ in range(reps)],
+             train_step.NO_BLOCKS: [timed([False] * 9) for _ in range(reps)],
+             train_step.BLOCK: [timed(a) for a in realized]}
+    for name, probs in train_step.accounting_schedules([3, 3, 3]).items():
+        if name != train_step.NO_BLOCKS:
+            times[name] = [timed([p == 1.0 for p in probs]) for _ in range(reps)]
+    limit = (non_block + sum(c * p for c, p in zip(per_block, survival))) / (non_block + sum(per_block))
+    return times, realized, model, survival, limit
+
+
+def test_accounting_of_a_perfect_block_mode_finds_no_gap() -> None:
+    times, realized, model, survival, limit = _synthetic_run(reps=9, noise=0.0)
+    acc = train_step.account(times, realized, model, survival)
+    assert acc['limit_measured_block_costs'] == pytest.approx(limit)
+    assert acc['block_ratio_at_expected_depth'] == pytest.approx(limit)  # the draw's luck is corrected away
+    assert acc['gap_to_limit'] == pytest.approx(0.0, abs=1e-12)
+    assert acc['non_block_fraction'] == pytest.approx(0.1 / 1.9)
+    interval = train_step.bootstrap_interval(times, realized, model, survival, resamples=200)
+    assert interval['gap_to_limit'] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert interval['block_ratio_at_expected_depth'] == pytest.approx([limit, limit])
+    lo, hi = interval['block_ratio_measured']
+    assert lo < hi  # the raw median still moves with the draw
+
+
+def test_bootstrap_interval_covers_the_estimate_and_narrows_with_repetitions() -> None:
+    widths = []
+    for reps in (5, 40):
+        times, realized, model, survival, limit = _synthetic_run(reps=reps, noise=0.05, seed=reps)
+        acc = train_step.account(times, realized, model, survival)
+        lo, hi = train_step.bootstrap_interval(times, realized, model, survival, resamples=300)[
+            'block_ratio_at_expected_depth']
+        assert lo <= acc['block_ratio_at_expected_depth'] <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0]
+
+
+def test_verdict_needs_the_whole_interval_on_one_side() -> None:
+    assert train_step.verdict([0.70, 0.77], 0.78) == 'met'
+    assert train_step.verdict([0.79, 0.81], 0.78) == 'not met'
+    assert train_step.verdict([0.77, 0.79], 0.78).startswith('undecided')
+    values = [0.5, 0.1, 0.9, 0.3]
+    assert train_step.percentile(values, 0) == 0.1 and train_step.percentile(values, 100) == 0.9
+    assert train_step.percentile(values, 50) == pytest.approx(0.4)  # numpy's linear rule
 
 
 def test_peers_share_weights_and_only_mask_in_training() -> None:
