@@ -61,7 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.imagenet_model = 'sd_resnet50' if args.imagenet_model == 'sd_resnet152' else args.imagenet_model
         args.imagenet_batch, args.img_size = min(args.imagenet_batch, 2), min(args.img_size, 128)
     args.reps = args.reps or (3 if args.quick else 15)
-    args.imagenet_reps = args.imagenet_reps or (2 if args.quick else 3)
+    args.imagenet_reps = args.imagenet_reps or (2 if args.quick else 5)
     return args
 
 
