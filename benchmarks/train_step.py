@@ -37,6 +37,7 @@ BASELINE = 'constant depth'
 CONTROL = 'constant depth, 2nd copy (noise control)'
 BLOCK = 'sd_zoo block'
 NO_BLOCKS = '(accounting) no block alive'
+FIXED_DRAW = '(accounting) one fixed draw, expected blocks per stage'
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -69,16 +70,39 @@ def stage_sizes(model: nn.Module) -> List[int]:
     return [len(getattr(model, name)) for name in model.stage_names]
 
 
-def accounting_schedules(sizes: Sequence[int]) -> Dict[str, List[float]]:
-    """Survival schedules that keep no block, or exactly one stage, alive (1e-9 ~ never kept)."""
+def stage_bounds(sizes: Sequence[int]) -> List[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+
+def expected_per_stage(sizes: Sequence[int], survival: Sequence[float]) -> List[int]:
+    """The expected number of blocks each stage keeps, rounded."""
+    bounds = stage_bounds(sizes)
+    return [round(sum(survival[bounds[i]:bounds[i + 1]])) for i in range(len(sizes))]
+
+
+def fixed_draw(sizes: Sequence[int], survival: Sequence[float], seed: int = 0, tries: int = 100_000) -> List[bool]:
+    """One draw of the rule that keeps the expected number of blocks in every stage (rounded)."""
+    bounds, want = stage_bounds(sizes), expected_per_stage(sizes, survival)
+    rng = random.Random(seed)
+    for _ in range(tries):
+        kept = [rng.random() < p for p in survival]
+        if [sum(kept[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))] == want:
+            return kept
+    raise RuntimeError(f'no draw kept {want} blocks per stage in {tries} tries')
+
+
+def accounting_schedules(sizes: Sequence[int], survival: Optional[Sequence[float]] = None) -> Dict[str, List[float]]:
+    """Survival schedules that keep no block, exactly one stage, or (given ``survival``) one fixed draw at the
+    expected depth alive (1e-9 ~ never kept)."""
     off = 1e-9
     schedules = {NO_BLOCKS: [off] * sum(sizes)}
-    start = 0
+    bounds = stage_bounds(sizes)
     for idx, size in enumerate(sizes):
         probs = [off] * sum(sizes)
-        probs[start:start + size] = [1.0] * size
+        probs[bounds[idx]:bounds[idx + 1]] = [1.0] * size
         schedules[f'(accounting) stage {idx + 1} alone'] = probs
-        start += size
+    if survival is not None:
+        schedules[FIXED_DRAW] = [1.0 if kept else off for kept in fixed_draw(sizes, survival)]
     return schedules
 
 
@@ -98,7 +122,7 @@ def build_train_variants(name: str, args: argparse.Namespace, accounting: bool,
         variants[f'timm {timm_name} (constant)'] = timm_resnet_with_drop_path(timm_name, weights, None)
         variants[f'timm {timm_name} + DropPath'] = timm_resnet_with_drop_path(timm_name, weights, survival)
     if accounting:
-        for label, probs in accounting_schedules(stage_sizes(base)).items():
+        for label, probs in accounting_schedules(stage_sizes(base), survival).items():
             variants[label] = create_sd(name, 'block', weights, drop_path_schedule=probs, **extra)
     return variants
 
@@ -176,7 +200,7 @@ def account(times: Dict[str, List[float]], realized: List[List[bool]], model: nn
     """Split the step into non-block time and per-stage block cost; correct block mode to the expected depth."""
     sizes = stage_sizes(model)
     t_const, t_none = median(times[BASELINE]), median(times[NO_BLOCKS])
-    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    bounds = stage_bounds(sizes)
     per_block = [(median(times[f'(accounting) stage {i + 1} alone']) - t_none) / n for i, n in enumerate(sizes)]
     expected = [sum(survival[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
     t_limit = t_none + sum(c * e for c, e in zip(per_block, expected))
@@ -185,7 +209,7 @@ def account(times: Dict[str, List[float]], realized: List[List[bool]], model: nn
         got = [sum(active[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
         corrected.append(t - sum(c * (g - e) for c, g, e in zip(per_block, got, expected)))
     sum_stages = t_none + sum(c * n for c, n in zip(per_block, sizes))
-    return {
+    result = {
         'non_block_fraction': t_none / t_const,
         'per_block_s_by_stage': per_block,
         'additivity_check': sum_stages / t_const,
@@ -196,10 +220,20 @@ def account(times: Dict[str, List[float]], realized: List[List[bool]], model: nn
         'gap_to_limit': (median(corrected) - t_limit) / t_const,
         'realized_mean_active': sum(map(sum, realized)) / max(1, len(realized)),
     }
+    if FIXED_DRAW in times:
+        kept = expected_per_stage(sizes, survival)
+        parts = t_none + sum(c * k for c, k in zip(per_block, kept))
+        result.update({
+            'fixed_draw_blocks_per_stage': kept,
+            'fixed_draw_ratio': median(times[FIXED_DRAW]) / t_const,
+            'fixed_draw_sum_of_parts': parts / t_const,
+            'fixed_draw_gap': (median(times[FIXED_DRAW]) - parts) / t_const,
+        })
+    return result
 
 
 INTERVAL_KEYS = ('block_ratio_measured', 'block_ratio_at_expected_depth', 'limit_measured_block_costs',
-                 'gap_to_limit')
+                 'gap_to_limit', 'fixed_draw_ratio', 'fixed_draw_gap')
 
 
 def bootstrap_interval(times: Dict[str, List[float]], realized: List[List[bool]], model: nn.Module,
@@ -211,13 +245,14 @@ def bootstrap_interval(times: Dict[str, List[float]], realized: List[List[bool]]
     """
     rng = random.Random(seed)
     reps = len(realized)
-    samples: Dict[str, List[float]] = {key: [] for key in INTERVAL_KEYS}
+    samples: Dict[str, List[float]] = {}
     for _ in range(resamples):
         idx = [rng.randrange(reps) for _ in range(reps)]
         acc = account({k: [v[i] for i in idx] for k, v in times.items()}, [realized[i] for i in idx],
                       model, survival)
         for key in INTERVAL_KEYS:
-            samples[key].append(acc[key])
+            if key in acc:
+                samples.setdefault(key, []).append(acc[key])
     return {key: [percentile(v, 2.5), percentile(v, 97.5)] for key, v in samples.items()}
 
 
@@ -313,6 +348,16 @@ def accounting_markdown(res: Dict[str, Any]) -> str:
          with_interval(a, 'limit_measured_block_costs')],
         ['block mode at the expected depth minus that limit (what is left for overhead)',
          with_interval(a, 'gap_to_limit', '')],
+    ]
+    if 'fixed_draw_ratio' in a:
+        kept = ', '.join(map(str, a['fixed_draw_blocks_per_stage']))
+        rows += [
+            [f'one fixed draw keeping {kept} blocks per stage: measured', with_interval(a, 'fixed_draw_ratio')],
+            ['the same draw: sum of its parts (non-block time + per-stage block costs)',
+             f"{a['fixed_draw_sum_of_parts']:.3f}x"],
+            ['the same draw: measured minus the sum of its parts', with_interval(a, 'fixed_draw_gap', '')],
+        ]
+    rows += [
         [f"target: block mode at most {a['target']:.2f}x (at the expected depth)", a['target_verdict']],
         ['non-block share of a constant-depth step (stem, head, loss, optimizer on them, Python)',
          f"{a['non_block_fraction']:.3f}"],

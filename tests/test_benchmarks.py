@@ -32,7 +32,8 @@ def test_train_step_writes_ratios_and_accounting(tmp_path: Path) -> None:
     assert memory['(accounting) no block alive']['saved_bytes'] < memory['constant depth']['saved_bytes']
     assert memory['timm DropPath']['saved_bytes'] >= memory['constant depth']['saved_bytes']
     accounting = cifar['accounting']
-    assert {'non_block_fraction', 'limit_measured_block_costs', 'block_ratio_at_expected_depth'} <= set(accounting)
+    assert {'non_block_fraction', 'limit_measured_block_costs', 'block_ratio_at_expected_depth',
+            'fixed_draw_gap'} <= set(accounting)
     lo, hi = accounting['interval_95']['block_ratio_at_expected_depth']
     assert lo == pytest.approx(accounting['block_ratio_at_expected_depth']) == pytest.approx(hi)  # one repetition
     assert accounting['target'] == 0.78 and accounting['target_verdict'] in ('met', 'not met')
@@ -62,7 +63,7 @@ def _synthetic_run(reps: int, noise: float, seed: int = 0):
     times = {train_step.BASELINE: [timed([True] * 9) for _ in range(reps)],
              train_step.NO_BLOCKS: [timed([False] * 9) for _ in range(reps)],
              train_step.BLOCK: [timed(a) for a in realized]}
-    for name, probs in train_step.accounting_schedules([3, 3, 3]).items():
+    for name, probs in train_step.accounting_schedules([3, 3, 3], survival).items():
         if name != train_step.NO_BLOCKS:
             times[name] = [timed([p == 1.0 for p in probs]) for _ in range(reps)]
     limit = (non_block + sum(c * p for c, p in zip(per_block, survival))) / (non_block + sum(per_block))
@@ -76,11 +77,25 @@ def test_accounting_of_a_perfect_block_mode_finds_no_gap() -> None:
     assert acc['block_ratio_at_expected_depth'] == pytest.approx(limit)  # the draw's luck is corrected away
     assert acc['gap_to_limit'] == pytest.approx(0.0, abs=1e-12)
     assert acc['non_block_fraction'] == pytest.approx(0.1 / 1.9)
+    assert acc['fixed_draw_gap'] == pytest.approx(0.0, abs=1e-12)
+    assert acc['fixed_draw_blocks_per_stage'] == [round(sum(survival[i:i + 3])) for i in (0, 3, 6)]
     interval = train_step.bootstrap_interval(times, realized, model, survival, resamples=200)
     assert interval['gap_to_limit'] == pytest.approx([0.0, 0.0], abs=1e-12)
     assert interval['block_ratio_at_expected_depth'] == pytest.approx([limit, limit])
+    assert interval['fixed_draw_gap'] == pytest.approx([0.0, 0.0], abs=1e-12)
     lo, hi = interval['block_ratio_measured']
     assert lo < hi  # the raw median still moves with the draw
+
+
+def test_fixed_draw_keeps_the_expected_blocks_of_each_stage() -> None:
+    survival = common.create_sd('sd_resnet110_cifar', 'block').stochastic_depth.survival
+    kept = train_step.fixed_draw([18, 18, 18], survival)
+    assert [sum(kept[i:i + 18]) for i in (0, 18, 36)] == train_step.expected_per_stage([18, 18, 18], survival)
+    assert kept == train_step.fixed_draw([18, 18, 18], survival)  # seeded: the same draw every run
+    schedule = train_step.accounting_schedules([18, 18, 18], survival)[train_step.FIXED_DRAW]
+    model = common.create_sd('sd_resnet110_cifar', 'block', drop_path_schedule=schedule).train()
+    model(torch.randn(2, 3, 32, 32))
+    assert list(model.stochastic_depth.last_active) == kept
 
 
 def test_bootstrap_interval_covers_the_estimate_and_narrows_with_repetitions() -> None:
