@@ -139,8 +139,8 @@ def create_sd(model_name: str, mode: str, state_dict: Optional[Mapping[str, torc
     return model
 
 
-def _peer_branch(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block.peer_drop(type(block).branch(block, x))
+def _peer_branch(block: nn.Module, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return block.peer_drop(type(block).branch(block, x, scale))
 
 
 def add_peer_drop(model: nn.Module, peer: str, survival: Sequence[float]) -> nn.Module:

@@ -74,6 +74,22 @@ def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optiona
     return text
 
 
+def target_check(long: Dict[str, Any]) -> str:
+    """The accounting of a long CIFAR-only run (many repetitions), which decides the target if anything does."""
+    part, acc = long['cifar'], long['cifar']['accounting']
+    rows = [
+        ['block mode, corrected to the expected depth', with_interval(acc, 'block_ratio_at_expected_depth')],
+        ['limit with the measured per-stage block costs', with_interval(acc, 'limit_measured_block_costs')],
+        ['block mode at the expected depth minus that limit', with_interval(acc, 'gap_to_limit', '')],
+    ]
+    if 'fixed_draw_gap' in acc:
+        rows.append(['one fixed draw at the expected depth: measured minus the sum of its parts',
+                     with_interval(acc, 'fixed_draw_gap', '')])
+    rows.append([f"target: block mode at most {acc['target']:.2f}x (at the expected depth)", acc['target_verdict']])
+    return (f"\nTarget check, {part['model']}, {part['reps']} repetitions ({machine_line(long['machine'])}; "
+            f"in brackets the 95% bootstrap interval):\n\n" + markdown_table(['quantity', 'value'], rows))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default=RESULTS_DIR)
@@ -83,9 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if train is None:
         raise SystemExit(f'no train_step_{args.tag}.json in {args.out}: run `python -m benchmarks.train_step` first')
     ddp, comp = _load(args.out, 'ddp', args.tag), _load(args.out, 'compile', args.tag)
-    commands = [r['command'] for r in (train, ddp, comp) if r]
+    long = _load(args.out, 'train_step', f'{args.tag}_long')
+    commands = [r['command'] for r in (train, ddp, comp, long) if r]
     clock = train['settings']['clock']
     text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n" + headline(train, ddp, comp)
+            + (target_check(long) if long and 'accounting' in long['cifar'] else '')
             + '\nReproduce:\n\n```\n' + '\n'.join(commands + [f'python -m benchmarks.report --tag {args.tag}'])
             + '\n```\n')
     write_text_atomic(os.path.join(args.out, f'summary_{args.tag}.md'), text)

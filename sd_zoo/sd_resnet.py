@@ -56,19 +56,41 @@ class _SDBlock(nn.Module):
         if _is_dropped(scale):
             # x is the output of a ReLU, so a dropped identity block is exactly x
             return shortcut if self.downsample is None else self.act_out(shortcut)
-        branch = self.branch(x)
         if isinstance(scale, torch.Tensor):
-            return self.act_out(torch.addcmul(shortcut, branch, scale))
-        if scale == 1.0:
-            # in place, as timm's blocks add (BatchNorm's backward does not need its output): no new tensor
-            return self.act_out(branch.add_(shortcut))
-        return self.act_out(torch.add(shortcut, branch, alpha=scale))
+            return self.act_out(torch.addcmul(shortcut, self.branch(x), scale))
+        # a float scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place
+        # add, as in timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no
+        # extra pass over the activations for the scale, neither forward nor backward
+        return self.act_out(self.branch(x, scale).add_(shortcut))
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The residual branch, times ``scale``."""
         raise NotImplementedError
 
     def branch_norm(self) -> nn.BatchNorm2d:
         raise NotImplementedError
+
+
+def scaled_norm(norm: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * norm(x)``; for an affine ``nn.BatchNorm2d`` the scale goes into its weight and bias instead.
+
+    The batch statistics, the running-statistics update and the gradients are those of ``norm(x)``; only
+    the affine parameters used in this call are ``scale * weight`` and ``scale * bias`` (C numbers).
+    """
+    if scale == 1.0:
+        return norm(x)
+    if type(norm) is not nn.BatchNorm2d or not norm.affine:
+        return norm(x) * scale
+    momentum = norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    use_batch_stats = norm.training or norm.running_mean is None
+    track = not norm.training or norm.track_running_stats
+    return F.batch_norm(
+        x, norm.running_mean if track else None, norm.running_var if track else None,
+        norm.weight * scale, norm.bias * scale, use_batch_stats, momentum or 0.0, norm.eps)
 
 
 def _is_dropped(scale: GateScale) -> bool:
@@ -113,8 +135,8 @@ class SDBasicBlock(_SDBlock):
         reshape = stride != 1 or inplanes != planes
         self.downsample = PadShortcut(inplanes, planes, stride) if reshape else None
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+    def branch(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return scaled_norm(self.bn2, self.conv2(self.act1(self.bn1(self.conv1(x)))), scale)
 
     def branch_norm(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -151,10 +173,10 @@ class SDBottleneck(_SDBlock):
             self.downsample = nn.Sequential(
                 nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False), norm_layer(outplanes))
 
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
-        return self.bn3(self.conv3(x))
+        return scaled_norm(self.bn3, self.conv3(x), scale)
 
     def branch_norm(self) -> nn.BatchNorm2d:
         return self.bn3

@@ -44,7 +44,12 @@ def test_train_step_writes_ratios_and_accounting(tmp_path: Path) -> None:
     assert f"| target: block mode at most 0.78x (at the expected depth) | {accounting['target_verdict']} |" in table
     summary = report.main(['--out', str(tmp_path)])
     assert '| sd_zoo block |' in summary and (tmp_path / 'summary_cpu.md').exists()
-    assert 'target: block mode at most 0.78x' in summary
+    assert 'target: block mode at most 0.78x' in summary and 'Target check' not in summary
+    train_step.main(['--reps', '2', '--cifar-model', TINY, '--cifar-batch', '4', '--imagenet-model', '',
+                     '--keep-denormals', '--bootstrap', '50', '--tag', 'cpu_long', '--out', str(tmp_path)])
+    summary = report.main(['--out', str(tmp_path)])
+    assert 'Target check, sd_resnet20_cifar, 2 repetitions' in summary
+    assert '--tag cpu_long' in summary  # its command is among those that reproduce the summary
 
 
 def _synthetic_run(reps: int, noise: float, seed: int = 0):

@@ -1,13 +1,15 @@
 """Every registered sd_ model: timm contract, training in each mode, real skipping, parity with timm."""
+import copy
 from typing import Dict, List
 
 import pytest
 import timm
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sd_zoo  # noqa: F401  (registers the models)
-from sd_zoo.sd_resnet import SDResNet
+from sd_zoo.sd_resnet import SDResNet, scaled_norm
 
 MODELS = timm.list_models('sd_*')
 HEAVY = {'sd_resnet1202_cifar', 'sd_resnet152', 'sd_resnet101'}
@@ -154,6 +156,69 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             assert checkpointed[name] is None, name
         else:
             torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_scaled_norm_equals_scaling_the_norm_output(momentum):
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(8, momentum=momentum)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.normal_(norm.bias)
+    ref = copy.deepcopy(norm)
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    for _ in range(2):  # two steps: the running statistics follow the same updates
+        out, expected = scaled_norm(norm, x, 1 / 0.7), ref(x) * (1 / 0.7)
+        torch.testing.assert_close(out, expected)
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, norm.weight, norm.bias), grad)
+        want = torch.autograd.grad(expected, (x, ref.weight, ref.bias), grad)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    assert torch.equal(norm.running_mean, ref.running_mean) and torch.equal(norm.running_var, ref.running_var)
+    assert int(norm.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+    norm.eval(), ref.eval()
+    torch.testing.assert_close(scaled_norm(norm, x, 0.6), ref(x) * 0.6)  # test scaling at eval
+    other = nn.GroupNorm(2, 8)  # not foldable: scaled the plain way
+    torch.testing.assert_close(scaled_norm(other, x, 0.6), other(x) * 0.6)
+
+
+class _ActivationOps(TorchDispatchMode):
+    """Records the aten ops whose output has ``numel`` elements (the block's activations)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and first.numel() == self.numel:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+def activation_ops(block: nn.Module, x: torch.Tensor, scale: float) -> List[str]:
+    x.grad = None
+    with _ActivationOps(x.numel()) as recorder:
+        block.combine(x, scale).sum().backward()
+    return recorder.ops
+
+
+@pytest.mark.parametrize('name', ['sd_resnet20_cifar', 'sd_resnet50'])
+def test_kept_block_scales_without_an_extra_pass(name):
+    """Inverted (train) scaling costs no extra op on the activations: the scale rides on the last BN's affine."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, drop_path_rate=0.5).train()
+    block = list(model.sd_blocks())[1]  # an identity block
+    x = torch.relu(torch.randn(2, block.branch_norm().num_features, 8, 8)).requires_grad_()
+    scaled, plain = activation_ops(block, x, 1 / 0.7), activation_ops(block, x, 1.0)
+    # the same ops on the activations as an unscaled (constant-depth) block: the sum is in place, and the
+    # backward has no extra multiplication (an out-of-place add with alpha=1/p would show 'add' and 'mul')
+    assert scaled == plain
+    assert 'add_' in scaled and not {'mul', 'mul_', 'div', 'div_'} & set(scaled)
+    reference = copy.deepcopy(block)
+    expected = torch.relu(x + type(reference).branch(reference, x) / 0.7)
+    torch.testing.assert_close(block.combine(x, 1 / 0.7), expected)
 
 
 @pytest.mark.parametrize('arch', ['resnet50', 'resnet101', 'resnet152'])
