@@ -74,19 +74,24 @@ def stage_bounds(sizes: Sequence[int]) -> List[int]:
     return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
 
+def per_stage(sizes: Sequence[int], values: Sequence[float]) -> List[float]:
+    """Sums of per-block ``values`` (survival probabilities, kept flags) by stage."""
+    bounds = stage_bounds(sizes)
+    return [sum(values[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+
+
 def expected_per_stage(sizes: Sequence[int], survival: Sequence[float]) -> List[int]:
     """The expected number of blocks each stage keeps, rounded."""
-    bounds = stage_bounds(sizes)
-    return [round(sum(survival[bounds[i]:bounds[i + 1]])) for i in range(len(sizes))]
+    return [round(e) for e in per_stage(sizes, survival)]
 
 
 def fixed_draw(sizes: Sequence[int], survival: Sequence[float], seed: int = 0, tries: int = 100_000) -> List[bool]:
     """One draw of the rule that keeps the expected number of blocks in every stage (rounded)."""
-    bounds, want = stage_bounds(sizes), expected_per_stage(sizes, survival)
+    want = expected_per_stage(sizes, survival)
     rng = random.Random(seed)
     for _ in range(tries):
         kept = [rng.random() < p for p in survival]
-        if [sum(kept[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))] == want:
+        if per_stage(sizes, kept) == want:
             return kept
     raise RuntimeError(f'no draw kept {want} blocks per stage in {tries} tries')
 
@@ -200,13 +205,12 @@ def account(times: Dict[str, List[float]], realized: List[List[bool]], model: nn
     """Split the step into non-block time and per-stage block cost; correct block mode to the expected depth."""
     sizes = stage_sizes(model)
     t_const, t_none = median(times[BASELINE]), median(times[NO_BLOCKS])
-    bounds = stage_bounds(sizes)
     per_block = [(median(times[f'(accounting) stage {i + 1} alone']) - t_none) / n for i, n in enumerate(sizes)]
-    expected = [sum(survival[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+    expected = per_stage(sizes, survival)
     t_limit = t_none + sum(c * e for c, e in zip(per_block, expected))
     corrected = []
     for t, active in zip(times[BLOCK], realized):
-        got = [sum(active[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+        got = per_stage(sizes, active)
         corrected.append(t - sum(c * (g - e) for c, g, e in zip(per_block, got, expected)))
     sum_stages = t_none + sum(c * n for c, n in zip(per_block, sizes))
     result = {

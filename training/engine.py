@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -337,13 +337,18 @@ def _evaluate(ctx, loader) -> float:
     return wrong / max(total, 1)
 
 
-def _step_stats(ctx, loss: torch.Tensor, stop: _StopOnSignal) -> float:
-    """Global mean loss of this micro-batch; a stop request on any rank reaches all ranks with it."""
-    packed = torch.stack([loss.detach().float(), torch.tensor(float(bool(stop.requested)), device=loss.device)])
-    packed = ctx.acc.reduce(packed, reduction='sum')
-    if packed[1] > 0:
+def _step_stats(ctx, loss: torch.Tensor, stop: _StopOnSignal,
+                grad: Optional[torch.Tensor]) -> Tuple[float, float]:
+    """Global mean loss of this micro-batch and, given the first convolution's gradient (on an optimizer
+    step), its mean absolute value: one all-reduce and one device-to-host copy per step. A stop request on any
+    rank reaches all ranks with it."""
+    grad_stat = grad.detach().abs().mean().float() if grad is not None else torch.zeros((), device=loss.device)
+    flag = torch.tensor(float(bool(stop.requested)), device=loss.device)
+    loss_sum, grad_sum, flags = ctx.acc.reduce(torch.stack([loss.detach().float(), grad_stat, flag]),
+                                               reduction='sum').tolist()
+    if flags > 0:
         ctx.stop_reason = stop.requested or 'signal on another rank'
-    return float(packed[0]) / ctx.acc.num_processes
+    return loss_sum / ctx.acc.num_processes, grad_sum / ctx.acc.num_processes
 
 
 def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Optional[str]:
@@ -364,7 +369,8 @@ def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Opt
             loss = F.cross_entropy(model(x), y)
             active = sum(sd.last_active) if sd.is_active and sd.last_active is not None else sd.num_blocks
             acc.backward(loss)
-            loss_value = _step_stats(ctx, loss, stop)
+            grad = acc.unwrap_model(model).conv1.weight.grad if acc.sync_gradients else None
+            loss_value, grad_mean = _step_stats(ctx, loss, stop, grad)
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f'training loss became {loss_value} at epoch {epoch + 1}, optimizer step {state.global_step + 1}; '
@@ -373,9 +379,8 @@ def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Opt
             if acc.sync_gradients:
                 if cfg.decay_dropped:
                     _fill_missing_grads(model)
-                grad = acc.unwrap_model(model).conv1.weight.grad
                 scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
-                _add(sums, first_conv_grad=float(grad.abs().mean()) / scale, grad_steps=1)
+                _add(sums, first_conv_grad=grad_mean / scale, grad_steps=1)
             ctx.optimizer.step()
             ctx.optimizer.zero_grad(set_to_none=True)
         state.batches_done += 1
