@@ -239,6 +239,17 @@ def _per_class_split(labels: torch.Tensor, per_class: int, seed: int) -> Tuple[t
     return held_idx, mask.nonzero().flatten()
 
 
+def _stratified_subset(labels: torch.Tensor, pool: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """A seeded subset of the indices ``pool`` holding ``per_class`` images of every class (``--train-per-class``)."""
+    counts = torch.bincount(labels[pool])
+    short = {c: int(n) for c, n in enumerate(counts.tolist()) if n < per_class}
+    if short:
+        raise DataError(f'--train-per-class={per_class}: the training split has fewer images in classes {short}; '
+                        f'lower it to at most {int(counts.min())}')
+    chosen, _ = _per_class_split(labels[pool], per_class, seed)
+    return pool[chosen]
+
+
 def _fingerprint(indices: torch.Tensor) -> str:
     return hashlib.sha256(indices.numpy().astype(np.int64).tobytes()).hexdigest()[:16]
 
@@ -272,11 +283,14 @@ def _tensor_bundle(cfg: Any, splits: Dict[str, Tuple[torch.Tensor, torch.Tensor]
             raise DataError(f'--val-size={cfg.val_size} leaves no training images: the training set has {n}')
         perm = _permutation(n, cfg.split_seed)
         val_idx, train_idx = perm[:cfg.val_size].sort().values, perm[cfg.val_size:]
+    if cfg.train_per_class:
+        train_idx = _stratified_subset(train_pair[1], train_idx, cfg.train_per_class, cfg.split_seed)
     # the training order comes from the sampler; keep the stored order canonical
     train_idx = train_idx[_permutation(len(train_idx), cfg.split_seed)] if cfg.limit else train_idx.sort().values
     test_idx = torch.arange(len(splits['test'][1]))
     make = lambda pair, aug: TensorImageDataset(pair[0], pair[1], mean, std, aug, cfg.pad, cfg.seed)  # noqa: E731
     info = dict(split_seed=cfg.split_seed, val_fingerprint=_fingerprint(val_idx),
+                train_fingerprint=_fingerprint(train_idx.sort().values), train_per_class=cfg.train_per_class,
                 train_size=min(len(train_idx), cfg.limit or len(train_idx)),
                 val_size=min(len(val_idx), cfg.limit or len(val_idx)),
                 test_size=min(len(test_idx), cfg.limit or len(test_idx)))
