@@ -1,133 +1,209 @@
-"""The README's main job, offline, in a few minutes of CPU: stochastic vs constant depth on Fashion-MNIST.
+"""The README's main job, offline, in a few minutes of CPU: the zoo's deep network and what stochastic depth buys.
 
-    python training/demo.py                       # what `make demo` runs
-    python training/demo.py --limit 0 --epochs 8 --batch-size 128 --lr 0.1  # the full split, as results/ holds
+    python training/demo.py                 # what `make demo` runs
+    python training/demo.py --quick         # smaller steps everywhere (the test suite runs this)
 
-1. trains ``sd_resnet20_cifar`` on a Fashion-MNIST subset twice with the project's training engine: stochastic
-   depth (linear rule, p_L = 0.5, block mode) and constant depth (``--drop-path-rate 0``), same seed and split;
-2. exports the stochastic-depth run's best weights as a Hub-ready folder (safetensors, config.json, card);
-3. publishes that folder into a local Hugging Face cache and loads it back offline with
-   ``timm.create_model('hf-hub:...', pretrained=True)``, checks the weights are bit-identical and re-evaluates
-   the test error;
-4. prints the test errors at the best-validation epoch and the measured training-time ratio.
+1. **The published weights, over HTTP.** Starts a local Hugging Face Hub server (olah, serving this
+   repository's export of ``sd_resnet110_cifar.fashion_mnist`` as a git repository), downloads the weights with
+   ``timm.create_model('sd_resnet110_cifar.fashion_mnist', pretrained=True)`` and the card with
+   ``huggingface_hub``, and re-measures the card's test error on the full Fashion-MNIST test set.
+2. **The saving, measured fairly.** Times the training step of ``sd_resnet110_cifar`` with stochastic depth and
+   at constant depth *interleaved* (round-robin, CPU time, as ``benchmarks/`` does), so a change of machine
+   load lands on both: the ratio of medians with a 95% bootstrap interval.
+3. **The whole loop on a small model.** Trains ``sd_resnet20_cifar`` briefly with the project's engine, exports
+   it, publishes the export to the local Hub server and loads it back through timm over HTTP: weights
+   bit-identical, same test error.
+
+If the ResNet-110 export is missing (the experiment of ``results/fashion_mnist_resnet110`` has not been run),
+step 1 says so and the demo exits with status 1 after the other steps.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 if __package__ in (None, ''):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+import timm  # noqa: E402
+import sd_zoo  # noqa: E402,F401  (registers the sd_ models)
 from training import cifar  # noqa: E402
+from training.hub_server import LocalHubServer  # noqa: E402
 
-MODEL = 'sd_resnet20_cifar'
-REPO_ID = f'local-demo/{MODEL}.fashion_mnist_demo'
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ZOO_TAG = 'sd_resnet110_cifar.fashion_mnist'
+ZOO_EXPORT = REPO_ROOT / 'results' / 'fashion_mnist_resnet110' / 'export'
+SMALL_MODEL = 'sd_resnet20_cifar'
+SMALL_REPO = f'local-demo/{SMALL_MODEL}.fashion_mnist_demo'
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output-dir', type=Path, default=Path('runs/demo'))
-    parser.add_argument('--limit', type=int, default=12000, help='images per split (0 = the full split)')
-    parser.add_argument('--epochs', type=int, default=3)
-    parser.add_argument('--batch-size', type=int, default=64, help='smaller than the preset: more steps per image')
-    parser.add_argument('--lr', type=float, default=0.05)
     parser.add_argument('--data-dir', default=None, help='Fashion-MNIST IDX folder (default: the Debian one)')
-    parser.add_argument('--resume', action='store_true', help='continue the runs in --output-dir (default: start over)')
-    args = parser.parse_args(argv)
-    if args.epochs < 1 or args.limit < 0:
-        parser.error(f'--epochs={args.epochs} must be >= 1 and --limit={args.limit} >= 0')
-    return args
+    parser.add_argument('--quick', action='store_true', help='fewer repetitions, a smaller batch and test subset')
+    parser.add_argument('--reps', type=int, default=None, help='interleaved timing rounds (default 12, quick 3)')
+    return parser.parse_args(argv)
 
 
-def train_argv(args: argparse.Namespace, drop_path_rate: float, run_dir: Path) -> List[str]:
-    milestones = ','.join(str(m) for m in sorted({max(1, args.epochs * 2 // 3), args.epochs}))
-    argv = ['--preset', 'fashion_mnist', '--model', MODEL, '--drop-path-rate', str(drop_path_rate),
-            '--epochs', str(args.epochs), '--milestones', milestones, '--limit', str(args.limit),
-            '--batch-size', str(args.batch_size), '--lr', str(args.lr),
-            '--output-dir', str(run_dir), '--log-with', 'none', '--no-progress', '--resume', 'latest']
-    return argv + (['--data-dir', args.data_dir] if args.data_dir else [])
+# --------------------------------------------------------------------------------------------- data
 
-
-@contextlib.contextmanager
-def offline_hub_cache(cache_dir: Path) -> Iterator[None]:
-    """Point huggingface_hub at ``cache_dir`` with no network, for the duration of the block."""
-    from huggingface_hub import constants
-    saved = constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE
-    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache_dir), True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = saved
+def fashion_test_loader(data_dir: Optional[str], limit: int = 0, batch_size: int = 256) -> DataLoader:
+    """The Fashion-MNIST test split as the training runs see it (same reader, normalisation and order)."""
+    from training.data import build_datasets
+    from training.recipes import PRESETS, TrainConfig
+    cfg = TrainConfig(**{**PRESETS['fashion_mnist'], 'data_dir': data_dir, 'limit': limit})
+    return DataLoader(build_datasets(cfg).test, batch_size=batch_size)
 
 
 @torch.no_grad()
-def test_error(model: torch.nn.Module, run_args: List[str]) -> float:
-    """Error of ``model`` on the run's own test split (built from the same flags)."""
-    from training.data import build_datasets
-    from training.recipes import build_parser, config_from_args
-    cfg = config_from_args(build_parser('', 'fashion_mnist', ['fashion_mnist']).parse_args(run_args))
-    loader = DataLoader(build_datasets(cfg).test, batch_size=cfg.eval_batch_size)
+def test_error(model: torch.nn.Module, loader: DataLoader, channels_last: bool = False) -> float:
     model.eval()
-    wrong = sum(int((model(x).argmax(1) != y).sum()) for x, y in loader)
+    wrong = 0
+    for x, y in loader:
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        wrong += int((model(x).argmax(1) != y).sum())
     return wrong / len(loader.dataset)
 
 
-def reload_through_timm(run_dir: Path, export_dir: Path, cache_dir: Path) -> torch.nn.Module:
-    """Export the run, publish it to a local Hub cache, load it back offline; check bit-identical weights."""
-    import timm
-    from sd_zoo.hub import LocalHubCache, export_run, publish
+# --------------------------------------------------------------------------------------------- 1. the zoo
 
+def card_test_error(card_path: Path) -> Optional[float]:
+    """The test-split error (%) in a model card's model-index, parsed offline."""
+    from huggingface_hub import ModelCard
+    data = ModelCard(card_path.read_text()).data.to_dict()
+    for entry in data.get('model-index', []):
+        for result in entry.get('results', []):
+            if result.get('dataset', {}).get('split') == 'test':
+                for metric in result.get('metrics', []):
+                    if metric.get('type') == 'error':
+                        return float(metric['value'])
+    return None
+
+
+def zoo_weights(hub: LocalHubServer, cache: Path, data_dir: Optional[str], limit: int) -> Dict[str, Any]:
+    if not (ZOO_EXPORT / 'model.safetensors').is_file():
+        print(f'[1/3] MISSING: {ZOO_EXPORT} holds no model.safetensors, so {ZOO_TAG} cannot be served. Run the '
+              f'experiment of results/fashion_mnist_resnet110/PROTOCOL.md and export it (README, "Results").')
+        return dict(missing=str(ZOO_EXPORT))
+    from huggingface_hub import hf_hub_download
+    repo_id = timm.models.get_pretrained_cfg(ZOO_TAG).hf_hub_id.split('@')[0]
+    commit = hub.add_repo(repo_id, ZOO_EXPORT)
+    with hub.client(cache):
+        model = timm.create_model(ZOO_TAG, pretrained=True)
+        card = Path(hf_hub_download(repo_id, 'README.md'))
+    measured = 100 * test_error(model.to(memory_format=torch.channels_last),
+                                fashion_test_loader(data_dir, limit), channels_last=True)
+    expected = card_test_error(card)
+    print(f'[1/3] {ZOO_TAG}: downloaded over HTTP from {hub.endpoint} ({repo_id}@{commit[:12]}) with '
+          f'timm.create_model(..., pretrained=True)')
+    if limit:
+        print(f'      test error {measured:.2f}% on the first {limit} test images (card: {expected}% on all 10,000)')
+        return dict(measured=measured, card=expected, limit=limit)
+    same = expected is not None and abs(measured - expected) < 0.005
+    print(f'      test error {measured:.2f}% on the 10,000 test images; the card says {expected}%: '
+          f'{"reproduced" if same else "NOT reproduced"}')
+    return dict(measured=measured, card=expected, reproduced=same)
+
+
+# --------------------------------------------------------------------------------------------- 2. the saving
+
+def interleaved_ratio(reps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
+    """Training-step CPU time of stochastic over constant depth, timed round-robin; 95% bootstrap interval."""
+    from benchmarks.common import alternate, median, sgd
+    torch.manual_seed(seed)
+    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    steps = {}
+    for name, rate in (('stochastic', 0.5), ('constant', 0.0)):
+        model = timm.create_model('sd_resnet110_cifar', in_chans=1, num_classes=10, drop_path_rate=rate)
+        model = model.to(memory_format=torch.channels_last).train()
+        steps[name] = _train_step(model, sgd(model), x, y)
+    cpu = alternate(steps, reps=reps, warmup=1)['cpu']
+    ratio = median(cpu['stochastic']) / median(cpu['constant'])
+    rng = random.Random(seed)
+    boot = []
+    for _ in range(2000):  # resample rounds: a round times both variants side by side
+        idx = [rng.randrange(reps) for _ in range(reps)]
+        boot.append(median([cpu['stochastic'][i] for i in idx]) / median([cpu['constant'][i] for i in idx]))
+    boot.sort()
+    interval = [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]]
+    print(f'[2/3] training step of sd_resnet110_cifar (batch {batch}, 28 x 28, {torch.get_num_threads()} threads), '
+          f'{reps} interleaved rounds: stochastic / constant depth CPU time = {ratio:.3f} '
+          f'(95% interval {interval[0]:.3f}-{interval[1]:.3f}); the paper\'s expected depth bounds the block '
+          f'compute at {40.25 / 54:.3f}')
+    return dict(ratio=ratio, interval=interval, reps=reps, batch=batch)
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return step
+
+
+# --------------------------------------------------------------------------------------------- 3. the loop
+
+def small_run_argv(args: argparse.Namespace, run_dir: Path) -> List[str]:
+    limit = '512' if args.quick else '2048'
+    argv = ['--preset', 'fashion_mnist', '--model', SMALL_MODEL, '--epochs', '1', '--milestones', '1',
+            '--limit', limit, '--batch-size', '64', '--lr', '0.05', '--output-dir', str(run_dir),
+            '--log-with', 'none', '--no-progress']
+    return argv + (['--data-dir', args.data_dir] if args.data_dir else [])
+
+
+def train_export_publish_reload(args: argparse.Namespace, hub: LocalHubServer) -> Dict[str, Any]:
+    from sd_zoo.hub import export_run
+    from training.data import build_datasets
+    from training.recipes import build_parser, config_from_args
+    run_dir, export_dir = args.output_dir / 'small_run', args.output_dir / 'small_export'
+    argv = small_run_argv(args, run_dir)
+    result = cifar.main(argv)
+    if result['status'] != 'completed':
+        raise SystemExit(f"the small run stopped early ({result['status']})")
     export_run(run_dir, export_dir, tag='fashion_mnist_demo', suggest_entry=False)
-    commit = publish(export_dir, REPO_ID, api=LocalHubCache(cache_dir))
-    with offline_hub_cache(cache_dir):
-        model = timm.create_model(f'hf-hub:{REPO_ID}', pretrained=True)
-    exported = load_file(str(export_dir / 'model.safetensors'))
-    loaded = model.state_dict()
-    if exported.keys() != loaded.keys() or any(not torch.equal(exported[k], loaded[k]) for k in exported):
-        raise RuntimeError('the weights loaded through timm differ from the exported ones')
-    print(f'exported to {export_dir}, published to {cache_dir} as {REPO_ID}@{commit[:12]}, '
-          f'reloaded with timm.create_model("hf-hub:{REPO_ID}", pretrained=True): weights bit-identical')
-    return model
+    commit = hub.add_repo(SMALL_REPO, export_dir)
+    with hub.client(args.output_dir / 'hub_cache'):
+        model = timm.create_model(f'hf-hub:{SMALL_REPO}', pretrained=True)
+    exported, loaded = load_file(str(export_dir / 'model.safetensors')), model.state_dict()
+    identical = exported.keys() == loaded.keys() and all(torch.equal(exported[k], loaded[k]) for k in exported)
+    cfg = config_from_args(build_parser('', 'fashion_mnist', ['fashion_mnist']).parse_args(argv))
+    reloaded = test_error(model, DataLoader(build_datasets(cfg).test, batch_size=cfg.eval_batch_size))
+    print(f'[3/3] trained {SMALL_MODEL} for 1 epoch on {result["data"]["train_size"]} images (test error '
+          f'{100 * result["test_error_at_best_val"]:.2f}%), exported, published to {SMALL_REPO}@{commit[:12]} on '
+          f'the local Hub, reloaded with timm.create_model("hf-hub:{SMALL_REPO}", pretrained=True): weights '
+          f'{"bit-identical" if identical else "DIFFERENT"}, test error {100 * reloaded:.2f}%')
+    return dict(run=result, identical=identical, reloaded_test_error=reloaded)
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    if args.output_dir.exists() and not args.resume:
+    if args.output_dir.exists():
         shutil.rmtree(args.output_dir)
-    runs: Dict[str, Dict[str, Any]] = {}
-    for kind, rate in (('stochastic', 0.5), ('constant', 0.0)):
-        print(f'--- training {MODEL} with {kind} depth (drop_path_rate={rate}) ---', flush=True)
-        runs[kind] = cifar.main(train_argv(args, rate, args.output_dir / kind))
-        if runs[kind]['status'] != 'completed':
-            raise SystemExit(f"the {kind}-depth run stopped early ({runs[kind]['status']}); add --resume to the "
-                             f"same command to continue from its checkpoint")
-    stochastic_dir = args.output_dir / 'stochastic'
-    model = reload_through_timm(stochastic_dir, args.output_dir / 'export', args.output_dir / 'hub_cache')
-    reloaded_error = test_error(model, train_argv(args, 0.5, stochastic_dir))
-
-    ratio = runs['stochastic']['train_time_s'] / runs['constant']['train_time_s']
-    print('\n=== Fashion-MNIST, sd_resnet20_cifar, '
-          f"{runs['stochastic']['data']['train_size']} training images, {args.epochs} epochs ===")
-    for kind, res in runs.items():
-        print(f"{kind:>10} depth: test error {100 * res['test_error_at_best_val']:.2f}% at the best-validation "
-              f"epoch {res['best_epoch']}, {res['mean_active_depth']:.2f} of {res['run']['num_blocks']} blocks per step, "
-              f"training time {res['train_time_s']:.1f}s")
-    run = runs['stochastic']['run']
-    print(f'training-time ratio, stochastic / constant depth: {ratio:.3f} (same machine, one after the other; '
-          f"the expected depth {run['expected_depth']:.2f} of {run['num_blocks']} blocks bounds the block compute "
-          f"at {run['expected_depth'] / run['num_blocks']:.3f})")
-    print(f'reloaded stochastic-depth model: test error {100 * reloaded_error:.2f}%')
-    return {'runs': runs, 'time_ratio': ratio, 'reloaded_test_error': reloaded_error}
+    args.output_dir.mkdir(parents=True)
+    reps = args.reps or (3 if args.quick else 12)
+    with LocalHubServer(args.output_dir / 'hub') as hub:
+        zoo = zoo_weights(hub, args.output_dir / 'zoo_cache', args.data_dir, 1000 if args.quick else 0)
+        timing = interleaved_ratio(reps, 32 if args.quick else 128)
+        small = train_export_publish_reload(args, hub)
+    out = dict(zoo=zoo, timing=timing, small=small)
+    failed = [what for what, bad in (('zoo weights missing', 'missing' in zoo),
+                                     ('card error not reproduced', zoo.get('reproduced') is False),
+                                     ('reloaded weights differ', not small['identical'])) if bad]
+    print('demo: ' + ('all steps passed' if not failed else 'FAILED: ' + '; '.join(failed)))
+    out['failed'] = failed
+    return out
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(1 if main()['failed'] else 0)
