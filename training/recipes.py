@@ -93,16 +93,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # the CIFAR stem is stride 1, so the stages see 28/14/7 pixels); flip + 2-px translation; 55k/5k split.
     'fashion_mnist': dict(dataset='fashion_mnist', model='sd_resnet20_cifar', epochs=10, milestones=(5, 8),
                           augment=True, pad=2, workers=0, checkpoint_every=100, keep_last=2, zero_init_last=False),
-    # The paper's 110-layer network on this CPU (results/fashion_mnist_resnet110/PROTOCOL.md): a fixed,
-    # class-balanced 5,000-image training subset without augmentation (the regime of the paper's largest gains),
-    # 2,000 validation images, 30 epochs with the paper's /10 steps at 50% and 75% of training, channels_last.
-    # Peak lr 0.02 after 2 epochs (80 steps) at 0.005: at lr 0.1, with or without He et al.'s 0.01 warm-up,
-    # both arms diverged on this 5,000-image set (PROTOCOL.md, amendments 1 and 2).
-    'fashion_mnist_resnet110': dict(dataset='fashion_mnist', model='sd_resnet110_cifar', epochs=30, lr=0.02,
-                                    milestones=(15, 23), warmup_epochs=2, warmup_lr=0.005,
+    # The paper's 110-layer network on this CPU (results/fashion_mnist_resnet110/PROTOCOL.md and its amendments):
+    # a fixed, class-balanced 5,000-image training subset without augmentation (the regime of the paper's largest
+    # gains), 2,000 validation images, 24 epochs with the paper's /10 steps at 50% and 75% of training,
+    # channels_last. Peak lr 0.02 after 2 epochs at 0.005 and the last BatchNorm of each branch zeroed at init:
+    # with the paper's lr 0.1 and He initialisation both arms diverged on this small set (amendments 1-3).
+    'fashion_mnist_resnet110': dict(dataset='fashion_mnist', model='sd_resnet110_cifar', epochs=24, lr=0.02,
+                                    milestones=(12, 18), warmup_epochs=2, warmup_lr=0.005,
                                     augment=False, train_per_class=500, val_size=2000,
                                     workers=0, channels_last=True, checkpoint_every=20, keep_last=2,
-                                    zero_init_last=False),
+                                    zero_init_last=True),
 }
 
 _CHOICES = {
