@@ -52,26 +52,31 @@ def venv_python(dists):
     env_dir = dists['tmp'] / 'venv'
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / 'bin' / 'python'
+    # --ignore-installed: an sd_zoo seen through the system site or PYTHONPATH (an editable checkout) must not
+    # make pip skip the wheel
     _run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '-q',
-          str(dists['wheel'])])
+          '--ignore-installed', str(dists['wheel'])])
     return python
 
 
 def test_wheel_contents(dists):
     names = set(zipfile.ZipFile(dists['wheel']).namelist())
-    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload'):
+    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload',
+                   'load_errors', 'publishing', 'cli', '_version'):
         assert f'sd_zoo/{module}.py' in names
     assert 'sd_zoo-autoload.pth' in names  # at the wheel root: installed into site-packages itself
-    assert not any(n.startswith(('tests/', 'training/', 'hub_cards/')) for n in names)
+    assert not any(n.startswith(('tests/', 'training/', 'hub_cards/', 'tools/', 'results/')) for n in names)
+    assert 'sd_zoo/readme.py' not in names  # repository tooling (tools/readme.py) stays out of the wheel
     entry_points = next(n for n in names if n.endswith('entry_points.txt'))
     text = zipfile.ZipFile(dists['wheel']).read(entry_points).decode()
-    assert 'sd-zoo-publish = sd_zoo.hub:publish_main' in text and 'sd-zoo-export = sd_zoo.hub:export_main' in text
+    assert 'sd-zoo-publish = sd_zoo.cli:publish_main' in text and 'sd-zoo-export = sd_zoo.cli:export_main' in text
+    assert 'sd-zoo-hub = sd_zoo.cli:main' in text
 
 
 def test_sdist_contents(dists):
     names = {n.split('/', 1)[1] for n in tarfile.open(dists['sdist']).getnames() if '/' in n}
     for required in ('pyproject.toml', 'setup.py', 'MANIFEST.in', 'sd_zoo-autoload.pth', 'sd_zoo/hub.py',
-                     'tests/test_hub.py', 'tests/test_packaging.py'):
+                     'tests/test_hub.py', 'tests/test_packaging.py', 'tools/readme.py', 'tools/cards.py'):
         assert required in names, required
     assert any(n.startswith('training/') and n.endswith('.py') for n in names)
     cards = {n for n in names if n.startswith('hub_cards/') and n.endswith('.md')}

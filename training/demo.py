@@ -84,7 +84,8 @@ def test_error(model: torch.nn.Module, run_args: List[str]) -> float:
 def reload_through_timm(run_dir: Path, export_dir: Path, cache_dir: Path) -> torch.nn.Module:
     """Export the run, publish it to a local Hub cache, load it back offline; check bit-identical weights."""
     import timm
-    from sd_zoo.hub import LocalHubCache, export_run, publish
+
+    from sd_zoo.publishing import LocalHubCache, export_run, publish
 
     export_run(run_dir, export_dir, tag='fashion_mnist_demo', suggest_entry=False)
     commit = publish(export_dir, REPO_ID, api=LocalHubCache(cache_dir))
