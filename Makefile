@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test test-all bench
+.PHONY: install data demo test test-all lint bench
 
 install: .install.stamp
 
@@ -25,6 +25,11 @@ demo: install data
 
 test: install data
 	$(PYTHON) -m pytest
+
+# ruff (lint, import order) and import-linter (the layers of sd_zoo), both from the dev extra; see pyproject.toml
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 test-all: install data
 	$(PYTHON) -m pytest -m 'not network and not gpu'

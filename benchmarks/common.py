@@ -18,13 +18,13 @@ import time
 import types
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import sd_zoo  # noqa: F401  (registers the sd_ models)
 from sd_zoo.hub import write_text_atomic
-import timm
 
 _SETTINGS: Dict[str, Any] = {'flush_denormal': False}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')

@@ -24,8 +24,19 @@ import torch._dynamo
 from torch import nn
 
 from benchmarks.common import (
-    TrainStep, add_device_args, alternate, apply_device_args, create_sd, machine_info,
-    machine_line, markdown_table, prepare, ratio_table, reproduce_command, synchronize, write_results,
+    TrainStep,
+    add_device_args,
+    alternate,
+    apply_device_args,
+    create_sd,
+    machine_info,
+    machine_line,
+    markdown_table,
+    prepare,
+    ratio_table,
+    reproduce_command,
+    synchronize,
+    write_results,
 )
 
 BASELINE = 'constant depth, eager'

@@ -30,8 +30,17 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.common import (
-    TrainStep, add_device_args, alternate, apply_device_args, create_sd, machine_info, machine_line,
-    markdown_table, ratio_table, reproduce_command, write_results,
+    TrainStep,
+    add_device_args,
+    alternate,
+    apply_device_args,
+    create_sd,
+    machine_info,
+    machine_line,
+    markdown_table,
+    ratio_table,
+    reproduce_command,
+    write_results,
 )
 
 BASELINE = 'constant depth'

@@ -28,9 +28,25 @@ import torch
 from torch import nn
 
 from benchmarks.common import (
-    PEERS, TrainStep, add_device_args, add_peer_drop, alternate, apply_device_args, autocast, create_sd,
-    machine_info, machine_line, markdown_table, median, prepare, ratio_table, reproduce_command,
-    saved_activation_bytes, synchronize, timm_resnet_with_drop_path, write_results,
+    PEERS,
+    TrainStep,
+    add_device_args,
+    add_peer_drop,
+    alternate,
+    apply_device_args,
+    autocast,
+    create_sd,
+    machine_info,
+    machine_line,
+    markdown_table,
+    median,
+    prepare,
+    ratio_table,
+    reproduce_command,
+    saved_activation_bytes,
+    synchronize,
+    timm_resnet_with_drop_path,
+    write_results,
 )
 
 BASELINE = 'constant depth'
@@ -156,7 +172,11 @@ def run_train(name: str, batch: int, size: int, reps: int, args: argparse.Namesp
     memory = measure_memory(steps, device)
     sd = variants[BLOCK].stochastic_depth
     realized: List[List[bool]] = []
-    record = (lambda label, rep: realized.append(list(sd.last_active)) if label == BLOCK else None)
+
+    def record(label: str, rep: int) -> None:
+        if label == BLOCK:
+            realized.append(list(sd.last_active))
+
     times = alternate(steps, reps, warmup=0, device=device, after_each=record)
     result = {
         'model': name, 'batch': batch, 'input_size': size, 'reps': reps,

@@ -1,10 +1,10 @@
-"""Model cards for the Hugging Face Hub, rendered from :mod:`sd_zoo.pretrained` and a run's results.
+"""Model cards for the Hugging Face Hub and the table of published weights, rendered from :mod:`sd_zoo.pretrained`.
 
 A card is YAML metadata (``library_name: timm``, license, tags, datasets, ``model-index`` with the measured
 results) followed by timm-style sections: model details, usage, results against the paper, provenance and
-citation. Every number comes from a :class:`~sd_zoo.pretrained.PublishedWeight`, a run's ``results.json`` or
-the model itself (parameters and MACs are counted, not typed); ``python -m sd_zoo.hub cards`` rewrites
-``hub_cards/`` and a test checks the committed cards still match.
+citation. Every number comes from a :class:`~sd_zoo.pretrained.PublishedWeight`, a run's ``results.json`` (read
+from a run folder the caller names, never from this package's surroundings) or the model itself (parameters and
+MACs are counted, not typed). ``tools/cards.py`` rewrites this repository's ``hub_cards/`` and checks them.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import torch
 from huggingface_hub import EvalResult, ModelCardData
 from torch.utils.flop_counter import FlopCounterMode
 
-from .pretrained import PAPER_RESULTS, PublishedWeight, Result
+from .pretrained import PAPER_RESULTS, PublishedWeight, Result, RunResult, published_weights
 
 __all__ = [
-    'CARD_TAGS', 'BIBTEX', 'render_card', 'model_stats', 'run_figures', 'run_command', 'comparison_table',
-    'card_filename', 'read_results',
+    'CARD_TAGS', 'BIBTEX', 'render_card', 'model_stats', 'run_figures', 'run_command', 'recipe_from_run',
+    'run_result', 'comparison_table', 'card_filename', 'read_results', 'readme_table',
 ]
 
 CARD_TAGS = ('image-classification', 'timm', 'stochastic-depth')
@@ -235,11 +235,13 @@ def render_card(
         comparison: Optional[str] = None,
         stats: Optional[Dict[str, Any]] = None,
 ) -> str:
-    """The README.md of ``weight``'s Hub repository (``run_results``: its run's results.json, if trained here)."""
+    """The README.md of ``weight``'s Hub repository (``run_results``: its run's results.json, if trained here;
+    ``comparison``: the stochastic vs constant depth table, by default :func:`comparison_table` of the record)."""
     figures = list(weight.results) if run_results is None else run_figures(weight, run_results)
     stats = stats or model_stats(weight.model, weight.data_config())
     command = weight.train_command or (run_command(run_results) if run_results else 'not recorded')
-    recipe = weight.recipe or _recipe_from_run(run_results or {})
+    recipe = weight.recipe or recipe_from_run(run_results or {})
+    comparison = comparison if comparison is not None else comparison_table(weight)
     citations = '\n\n'.join(BIBTEX[key] for key in ('huang2016', *weight.extra_citations, 'timm'))
     body = '\n'.join([
         f'# Model card for {weight.name}',
@@ -271,7 +273,8 @@ def _settings(results: Dict[str, Any]) -> Dict[str, Any]:
     return _pick(results, 'settings', 'config', 'args') or {}
 
 
-def _recipe_from_run(results: Dict[str, Any]) -> List[str]:
+def recipe_from_run(results: Dict[str, Any]) -> List[str]:
+    """The recipe lines of a card, from a run's recorded settings (and how its images were fed)."""
     settings = _settings(results)
     if not settings:
         return ['see the training command']
@@ -305,28 +308,33 @@ def run_command(results: Dict[str, Any]) -> str:
     return f'python {script} ' + ' '.join(flags) + '  # rebuilt from results.json settings'
 
 
-def _run_row(label: str, results: Dict[str, Any]) -> str:
+def run_result(run_dir: str, results: Dict[str, Any]) -> RunResult:
+    """What a card's comparison shows of a run (``run_dir``: the folder as the card names it), from its results."""
     key = 'test_error_at_best_val' if results.get('test_error_at_best_val') is not None else 'test_error'
-    err = _percent(results[key], key) if results.get(key) is not None else float('nan')
+    err = round(_percent(results[key], key), 4) if results.get(key) is not None else float('nan')
     rate = _settings(results).get('drop_path_rate', (results.get('run') or {}).get('drop_path_rate'))
-    return (f'| {label} | {rate} | {err:.2f} | {results.get("best_epoch")} | '
-            f'{float(results.get("wall_time_s") or 0.0) / 60:.1f} |')
+    return RunResult(run_dir=run_dir, drop_path_rate=rate, test_error=err, best_epoch=results.get('best_epoch'),
+                     wall_time_s=float(results.get('wall_time_s') or 0.0))
+
+
+def _run_row(label: str, run: RunResult) -> str:
+    return (f'| {label} (`{run.run_dir}`) | {run.drop_path_rate} | {run.test_error:.2f} | {run.best_epoch} | '
+            f'{run.wall_time_s / 60:.1f} |')
 
 
 def comparison_table(weight: PublishedWeight) -> Optional[str]:
-    """Stochastic vs constant depth (the weight's run and its baseline run), read from both results.json."""
-    if not weight.run_dir or not weight.baseline_run_dir:
+    """Stochastic vs constant depth: the weight's run and its baseline run, as the record carries them."""
+    if len(weight.comparison) != 2:
         return None
-    root = Path(__file__).resolve().parent.parent
-    ours, base = read_results(root / weight.run_dir), read_results(root / weight.baseline_run_dir)
-    ratio = float(ours.get('wall_time_s') or 0.0) / max(float(base.get('wall_time_s') or 0.0), 1e-9)
+    ours, base = weight.comparison
+    ratio = ours.wall_time_s / max(base.wall_time_s, 1e-9)
     return '\n'.join([
         'Stochastic depth against constant depth, same model, recipe, seed and split:',
         '',
         '| run | drop_path_rate | test error at best-validation epoch (%) | best epoch | wall time (min) |',
         '|---|---|---|---|---|',
-        _run_row(f'stochastic depth (`{weight.run_dir}`)', ours),
-        _run_row(f'constant depth (`{weight.baseline_run_dir}`)', base),
+        _run_row('stochastic depth', ours),
+        _run_row('constant depth', base),
         '',
         f'Wall-time ratio stochastic / constant: {ratio:.3f}.',
         '',
@@ -343,3 +351,22 @@ def read_results(run_dir: Path) -> Dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ValueError(f'{path} is not valid JSON ({e}); re-run the evaluation or fix the file') from e
 
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The table of published weights (the README's)
+# ------------------------------------------------------------------------------------------------------------
+def _headline(weight: PublishedWeight) -> str:
+    shown = [f'{r.metric} {r.value:g}% @ {r.img_size} ({r.split})'
+             for r in weight.results if r.metric in ('top1', 'error')]
+    return ', '.join(shown) or 'n/a'
+
+
+def readme_table() -> str:
+    """Markdown table of every published weight, from the records."""
+    rows = ['| model | weights (Hub) | trained by | dataset | result |', '|---|---|---|---|---|']
+    for w in published_weights():
+        rows.append(
+            f'| `{w.name}` | [{w.repo_id}](https://huggingface.co/{w.repo_id}) | {w.trained_by} | {w.dataset} '
+            f'| {_headline(w)} |')
+    return '\n'.join(rows)

@@ -1,12 +1,12 @@
 """Published weights of the `sd_` models, as data: written once, read by the registry, the cards and the README.
 
 Each :class:`PublishedWeight` says where a weight lives on the Hugging Face Hub, what it was trained on and how,
-what it measured and where that number comes from. :func:`registry_cfgs` turns the list into the pretrained
-cfgs merged into ``sd_zoo.sd_resnet.default_cfgs``; :mod:`sd_zoo.cards` renders the model cards in
-``hub_cards/`` and :func:`readme_table` the README table from the same records, so no number is typed twice.
-
-Weights trained by this project keep their measured numbers in the run's ``results.json`` (``run_dir``), not
-here. The Hub organisation of this project's repositories comes from ``SD_ZOO_HUB_ORG`` (for mirrors).
+what it measured and where that number comes from. Everything a card shows travels with the record (weights
+trained by this project carry the figures, recipe and constant-depth comparison copied from their run's
+``results.json`` by ``sd-zoo-export``), so nothing here reads files. On import this module adds each weight as
+a ``<model>.<tag>`` pretrained cfg of the models in :mod:`sd_zoo.sd_resnet` and registers them again with timm;
+:func:`register_weight` does the same for one weight at run time. The Hub organisation of this project's
+repositories comes from ``SD_ZOO_HUB_ORG`` (for mirrors).
 """
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from timm.models import generate_default_cfgs, register_model
+
+from . import sd_resnet
+
 __all__ = [
-    'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'PAPER', 'PAPER_RESULTS', 'Result', 'PublishedWeight', 'PUBLISHED',
-    'hub_org', 'published_weights', 'find_weight', 'with_published_weights', 'register_weight',
-    'unregister_weight', 'readme_table',
+    'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'PAPER', 'PAPER_RESULTS', 'Result', 'RunResult', 'PublishedWeight',
+    'PUBLISHED', 'hub_org', 'published_weights', 'find_weight', 'names', 'with_published_weights',
+    'register_weight', 'unregister_weight',
 ]
 
 HUB_ORG_ENV = 'SD_ZOO_HUB_ORG'
@@ -44,6 +48,17 @@ class Result:
     source: str
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """One training run as a card compares it: its folder, drop-path rate, test error (%) at the best-validation
+    epoch, that epoch and its wall time, copied from the run's ``results.json``."""
+    run_dir: str
+    drop_path_rate: Optional[float]
+    test_error: float
+    best_epoch: Optional[int]
+    wall_time_s: float
+
+
 # The paper's numbers (Huang et al. 2016), typed once: (dataset id, setting) -> (constant depth, stochastic depth)
 # top-1 error in %. ImageNet figures are from the ECCV version and not verified here (see PAPER.md).
 PAPER_RESULTS: Dict[Tuple[str, str], Tuple[float, float]] = {
@@ -62,8 +77,8 @@ class PublishedWeight:
 
     ``hub_repo`` is the repository name; ``hub_org`` fixes its owner (for weights hosted by others), otherwise
     the project's organisation (``SD_ZOO_HUB_ORG``) is used. ``revision`` pins a 40-hex commit once known.
-    ``results`` hold figures measured elsewhere (with their source); a project run keeps its own in
-    ``run_dir/results.json`` instead, and ``baseline_run_dir`` names its constant-depth twin for the card.
+    ``results`` hold the measured figures with their source (for a project run: its ``run_dir/results.json``);
+    ``comparison`` holds the project run and its constant-depth twin (``baseline_run_dir``), compared in the card.
     """
     model: str
     tag: str
@@ -87,6 +102,7 @@ class PublishedWeight:
     extra_citations: Tuple[str, ...] = ()
     notes: Tuple[str, ...] = ()
     default: bool = True
+    comparison: Tuple[RunResult, ...] = ()
 
     @property
     def name(self) -> str:
@@ -172,6 +188,9 @@ _RSB_RATE_UNKNOWN = (
     "the rate timm used for ResNet-152 is not published in timm's pretrained cfg, model card or paper."
 )
 
+_FMNIST_RUN = 'results/fashion_mnist/sd_resnet20_stochastic'
+_FMNIST_BASELINE = 'results/fashion_mnist/sd_resnet20_constant'
+
 PUBLISHED: Tuple[PublishedWeight, ...] = (
     _timm_rsb(
         'a1h_in1k',
@@ -199,8 +218,9 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
         'https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-rsb-weights/'
         'resnet152_a2_0-b4c6978f.pth',
         (('top1', 81.77, 224), ('top5', 95.22, 224), ('top1', 82.62, 288), ('top5', 95.75, 288))),
-    # Weights trained by this project are added here, one entry per run; `python -m sd_zoo.hub export --run
-    # <run_dir>` prints the entry to paste (data cfg read from the run, numbers left in its results.json).
+    # Weights trained by this project are added here, one entry per run: `sd-zoo-export --run <run_dir>
+    # [--baseline-run <constant-depth run>]` prints the entry to paste, with the figures, recipe and comparison
+    # copied from the runs' results.json (tools/cards.py checks them against the committed runs).
     PublishedWeight(
         model='sd_resnet20_cifar',
         tag='fashion_mnist',
@@ -210,7 +230,13 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
         dataset_id='fashion_mnist',
         data_cfg={'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (7, 7), 'crop_pct': 1.0,
                   'interpolation': 'bilinear', 'mean': (0.286,), 'std': (0.353,)},
-        recipe=(),
+        recipe=('preset: "fashion_mnist"', 'dataset: "fashion_mnist"', 'model: "sd_resnet20_cifar"', 'epochs: 8',
+                'batch_size: 128', 'lr: 0.1', 'momentum: 0.9', 'nesterov: true', 'weight_decay: 0.0001',
+                'milestones: [4, 6]', 'lr_gamma: 0.1', 'warmup_epochs: 0', 'augment: true', 'val_size: 5000',
+                'split_seed: 0', 'seed: 0', 'drop_path_rate: 0.5', 'drop_path_schedule: "linear"',
+                'drop_path_mode: "block"', 'drop_path_scaling: "train"', 'mixed_precision: "no"',
+                'data: {"split_seed": 0, "test_size": 10000, "train_size": 55000, '
+                '"val_fingerprint": "e1f4a1de3b6a5745", "val_size": 5000}'),
         train_command=('python training/cifar.py --preset fashion_mnist --drop-path-rate 0.5 --threads 1 '
                        '--no-progress --epochs 8 --milestones 4,6 '
                        '--output-dir results/fashion_mnist/sd_resnet20_stochastic --resume latest'),
@@ -222,8 +248,15 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
                     'metrics, plots). Exported with `sd-zoo-export --run results/fashion_mnist/'
                     'sd_resnet20_stochastic --baseline-run results/fashion_mnist/sd_resnet20_constant '
                     '--tag fashion_mnist --out results/fashion_mnist/export`.'),
-        run_dir='results/fashion_mnist/sd_resnet20_stochastic',
-        baseline_run_dir='results/fashion_mnist/sd_resnet20_constant',
+        results=(
+            Result('error', 11.8, 'Fashion-MNIST', 'test', 28, _FMNIST_RUN + '/results.json'),
+            Result('error', 11.64, 'Fashion-MNIST', 'validation', 28, _FMNIST_RUN + '/results.json')),
+        run_dir=_FMNIST_RUN,
+        baseline_run_dir=_FMNIST_BASELINE,
+        comparison=(
+            RunResult(_FMNIST_RUN, drop_path_rate=0.5, test_error=11.8, best_epoch=8, wall_time_s=3832.817877368999),
+            RunResult(_FMNIST_BASELINE, drop_path_rate=0.0, test_error=7.88, best_epoch=6,
+                      wall_time_s=4208.938204974998)),
         notes=('28 x 28 single-channel images fed as they are (in_chans=1, no resizing); the plain name '
                '`sd_resnet20_cifar` keeps its untrained CIFAR defaults, so ask for this tag explicitly.',
                'The two runs shared a busy 2-core CPU (one thread each, other jobs beside them), so their time '
@@ -249,9 +282,8 @@ def with_published_weights(base_cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Di
 
     timm's default tag of a model is its first weight: for weights with ``default=False`` (say, trained on another
     input modality) the untagged cfg is marked as the default, so the plain name keeps the architecture's defaults.
-    ``base_cfgs`` maps model names to their untagged cfg dicts (``sd_resnet`` passes its own).
+    ``base_cfgs`` maps model names to their untagged cfg dicts.
     """
-    _BASE_CFGS.update(base_cfgs)
     unknown = [w.name for w in PUBLISHED if w.model not in base_cfgs]
     if unknown:
         raise ValueError(f'published weights {unknown} name unknown models; known: {sorted(base_cfgs)}')
@@ -265,7 +297,9 @@ def with_published_weights(base_cfgs: Dict[str, Dict[str, Any]]) -> Dict[str, Di
     return out
 
 
-_BASE_CFGS: Dict[str, Dict[str, Any]] = {}
+# The models' untrained cfgs, taken before the published weights are added to sd_resnet.default_cfgs below.
+_BASE_CFGS: Dict[str, Dict[str, Any]] = {
+    model: cfg.cfgs[''].to_dict() for model, cfg in sd_resnet.default_cfgs.items()}
 
 
 def register_weight(weight: PublishedWeight) -> None:
@@ -291,37 +325,17 @@ def unregister_weight(name: str) -> None:
     _register_again(weight.model)
 
 
-def _register_again(model: str) -> None:
-    from timm.models import generate_default_cfgs, register_model
-    from . import sd_resnet
-
+def _register_again(*models: str) -> None:
     cfgs = generate_default_cfgs(with_published_weights(dict(_BASE_CFGS)))
-    sd_resnet.default_cfgs[model] = cfgs[model]
     with warnings.catch_warnings():  # timm warns on any re-registration; replacing the entry is the point here
         warnings.simplefilter('ignore', UserWarning)
-        register_model(getattr(sd_resnet, model))
-
-
-def _headline(weight: PublishedWeight) -> str:
-    results = list(weight.results)
-    if weight.run_dir:
-        from pathlib import Path
-        from .cards import read_results, run_figures  # cards imports this module: import late
-        results = run_figures(weight, read_results(Path(__file__).resolve().parent.parent / weight.run_dir))
-    shown = [f'{r.metric} {r.value:g}% @ {r.img_size} ({r.split})'
-             for r in results if r.metric in ('top1', 'error')]
-    return ', '.join(shown) or 'n/a'
-
-
-def readme_table() -> str:
-    """Markdown table of every published weight (project runs read from their results.json in the repo)."""
-    rows = ['| model | weights (Hub) | trained by | dataset | result |', '|---|---|---|---|---|']
-    for w in PUBLISHED:
-        rows.append(
-            f'| `{w.name}` | [{w.repo_id}](https://huggingface.co/{w.repo_id}) | {w.trained_by} | {w.dataset} '
-            f'| {_headline(w)} |')
-    return '\n'.join(rows)
+        for model in models:
+            sd_resnet.default_cfgs[model] = cfgs[model]
+            register_model(getattr(sd_resnet, model))
 
 
 def names() -> List[str]:
     return [w.name for w in PUBLISHED]
+
+
+_register_again(*_BASE_CFGS)

@@ -16,15 +16,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, U
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .pretrained import with_published_weights
+from .load_errors import explain_load_errors
 from .stochastic_depth import GateScale, Schedule, StochasticDepth
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck']
@@ -374,8 +373,6 @@ class SDResNet(nn.Module):
 
 
 def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> SDResNet:
-    from .hub import explain_load_errors  # late: hub builds on this module's registry
-
     feature_cfg = dict(out_indices=(0, 1, 2, 3)) if kwargs.get('cifar_stem') else None
     tag = kwargs.get('pretrained_cfg')
     with explain_load_errors(f'{variant}.{tag}' if isinstance(tag, str) and tag else variant):
@@ -405,8 +402,8 @@ def _cifar_cfg(**kwargs: Any) -> Dict[str, Any]:
         'mean': CIFAR10_MEAN, 'std': CIFAR10_STD, **kwargs})
 
 
-# Published weights (sd_zoo/pretrained.py) become tags; the first tag with weights is the model's default.
-default_cfgs = generate_default_cfgs(with_published_weights({
+# The architectures' untrained cfgs; sd_zoo/pretrained.py adds the published weights as tags on import.
+default_cfgs = generate_default_cfgs({
     'sd_resnet20_cifar': _cifar_cfg(),
     'sd_resnet32_cifar': _cifar_cfg(),
     'sd_resnet44_cifar': _cifar_cfg(),
@@ -417,7 +414,7 @@ default_cfgs = generate_default_cfgs(with_published_weights({
     'sd_resnet50': _cfg(),
     'sd_resnet101': _cfg(),
     'sd_resnet152': _cfg(),
-}))
+})
 
 
 @register_model

@@ -25,6 +25,7 @@ def train_reset_accelerate_state():
 
 def _write_idx(path: Path, array) -> None:
     import gzip
+
     import numpy as np
     header = bytes([0, 0, 0x08, array.ndim]) + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
     with gzip.open(path, 'wb') as f:
@@ -48,6 +49,7 @@ def write_fashion_mnist(root: Path, n_train: int = 120, n_test: int = 30) -> Pat
 def write_cifar(root: Path, num_classes: int = 10, n_train: int = 5016, n_test: int = 16) -> Path:
     """The "python version" pickles: cifar-10-batches-py/data_batch_1..5 + test_batch, or cifar-100-python/."""
     import pickle
+
     import numpy as np
     rng = np.random.default_rng(num_classes)
     folder = root / ('cifar-10-batches-py' if num_classes == 10 else 'cifar-100-python')

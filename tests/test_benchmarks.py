@@ -11,8 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` lives at the repository root
 
-from benchmarks import common  # noqa: E402
-from benchmarks import report, train_step  # noqa: E402
+from benchmarks import common, report, train_step  # noqa: E402
 
 TINY = 'sd_resnet20_cifar'
 

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from sd_zoo import hub
+from sd_zoo import publishing
 from sd_zoo.pretrained import find_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def seeded_offline_cache(monkeypatch, tmp_path):
     """A Hub cache holding the committed export under the registered repo id, with the network off."""
     from huggingface_hub import constants
     weight = find_weight(NAME)
-    hub.publish(EXPORT, weight.repo_id, api=hub.LocalHubCache(tmp_path / 'cache'))
+    publishing.publish(EXPORT, weight.repo_id, api=publishing.LocalHubCache(tmp_path / 'cache'))
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     return weight

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import PretrainedCfg
 
 import sd_zoo
-from sd_zoo import hub, pretrained
+from sd_zoo import cli, hub, pretrained, publishing
 from sd_zoo.cards import CARD_TAGS, card_filename, render_card
 from sd_zoo.pretrained import PublishedWeight, Result
 
@@ -68,7 +68,7 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         y = model(x)
     out = hub.export_model(model, tmp / 'export', render_card(unit_weight()), tag=TAG)
-    oid = hub.publish(out, REPO, api=hub.LocalHubCache(tmp / 'cache'))
+    oid = publishing.publish(out, REPO, api=publishing.LocalHubCache(tmp / 'cache'))
     torch.save({'x': x, 'y': y}, tmp / 'io.pt')
     return dict(tmp=tmp, out=out, oid=oid, model=model, x=x, y=y)
 
@@ -138,17 +138,17 @@ def test_publish_writes_hub_cache_layout(exported):
 
 def test_publish_branch_pr_and_dry_run(tmp_path, capsys):
     out = hub.export_model(timm.create_model('sd_resnet20_cifar'), tmp_path / 'export', '# card\n')
-    api = hub.LocalHubCache(tmp_path / 'cache')
-    main = hub.publish(out, REPO, api=api)
+    api = publishing.LocalHubCache(tmp_path / 'cache')
+    main = publishing.publish(out, REPO, api=api)
     (out / 'README.md').write_text('# card v2\n')
-    branch = hub.publish(out, REPO, revision='v2', api=api)
-    pr = hub.publish(out, REPO, create_pr=True, api=api)
+    branch = publishing.publish(out, REPO, revision='v2', api=api)
+    pr = publishing.publish(out, REPO, create_pr=True, api=api)
     refs = tmp_path / 'cache' / f'models--{ORG}--{NAME}' / 'refs'
     assert (refs / 'main').read_text() == main and (refs / 'v2').read_text() == branch
     assert (refs / 'pr' / '1').read_text() == pr and len({main, branch, pr}) == 3
     assert f'{REPO}@{branch}' in capsys.readouterr().out  # the id to pin is printed
 
-    assert hub.publish(out, REPO, dry_run=True) is None  # no api given: nothing may touch the network
+    assert publishing.publish(out, REPO, dry_run=True) is None  # no api given: nothing may touch the network
     listing = capsys.readouterr().out
     assert 'model.safetensors' in listing and 'config.json' in listing and 'README.md' in listing
 
@@ -157,11 +157,11 @@ def test_publish_refuses_pickles_and_incomplete_folders(tmp_path):
     out = hub.export_model(timm.create_model('sd_resnet20_cifar'), tmp_path / 'export', '# card\n')
     (out / 'pytorch_model.bin').write_bytes(b'pickle')
     with pytest.raises(ValueError, match='pickle'):
-        hub.publish(out, REPO, dry_run=True)
+        publishing.publish(out, REPO, dry_run=True)
     (out / 'pytorch_model.bin').unlink()
     (out / 'README.md').unlink()
     with pytest.raises(FileNotFoundError, match='README.md'):
-        hub.publish(out, REPO, dry_run=True)
+        publishing.publish(out, REPO, dry_run=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _cache_with(cache: Path, state: dict) -> None:
     for name, text in (('config.json', '{}'), ('README.md', '# x\n')):
         (export / name).write_text(text)
     save_file(state, str(export / 'model.safetensors'))
-    hub.publish(export, REPO, api=hub.LocalHubCache(cache))
+    publishing.publish(export, REPO, api=publishing.LocalHubCache(cache))
 
 
 def test_corrupted_safetensors_in_cache_is_reported(offline):
@@ -332,8 +332,8 @@ def test_card_parses_and_agrees_with_the_registry(path):
 
 
 def test_committed_cards_match_their_sources():
-    assert hub.render_all_cards(ROOT / 'hub_cards', check=True) == [], \
-        'hub_cards/ is stale: run `python -m sd_zoo.hub cards`'
+    assert publishing.render_all_cards(ROOT / 'hub_cards', check=True) == [], \
+        'hub_cards/ is stale: run `python -m tools.cards`'
 
 
 def test_card_is_honest_about_timms_weights():
@@ -363,7 +363,7 @@ def test_export_run_is_one_command(tmp_path, capsys):
     run, baseline = tmp_path / 'results' / 'run1', tmp_path / 'results' / 'run0'
     fake_run(run)
     fake_run(baseline, drop_path_rate=0.0, test_error=0.0912, wall=800.0)
-    code = hub.main(['export', '--run', str(run), '--tag', 'fmnist', '--out', str(tmp_path / 'out'),
+    code = cli.main(['export', '--run', str(run), '--tag', 'fmnist', '--out', str(tmp_path / 'out'),
                      '--card-dir', str(tmp_path / 'cards'), '--baseline-run', str(baseline)])
     assert code == 0
     printed = capsys.readouterr().out

@@ -1,9 +1,11 @@
-"""The wheel and sdist hold what they must, and an installed wheel makes timm see sd_ models without an import.
+"""The wheel and sdist hold what they must, an installed wheel makes timm see sd_ models without an import, and
+every public function works from the installed wheel alone (no checkout on the path).
 
 One build (sdist + wheel from it, ``python -m build --no-isolation``: offline, with the installed setuptools)
 and one fresh virtual environment (``--system-site-packages`` so torch is not reinstalled; the wheel installed
 with ``--no-deps``) are shared by the tests of this module. About 15-25 s on 2 cores.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -52,26 +54,31 @@ def venv_python(dists):
     env_dir = dists['tmp'] / 'venv'
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / 'bin' / 'python'
+    # --ignore-installed: an sd_zoo seen through the system site or PYTHONPATH (an editable checkout) must not
+    # make pip skip the wheel
     _run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '-q',
-          str(dists['wheel'])])
+          '--ignore-installed', str(dists['wheel'])])
     return python
 
 
 def test_wheel_contents(dists):
     names = set(zipfile.ZipFile(dists['wheel']).namelist())
-    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload'):
+    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload',
+                   'load_errors', 'publishing', 'cli', '_version'):
         assert f'sd_zoo/{module}.py' in names
     assert 'sd_zoo-autoload.pth' in names  # at the wheel root: installed into site-packages itself
-    assert not any(n.startswith(('tests/', 'training/', 'hub_cards/')) for n in names)
+    assert not any(n.startswith(('tests/', 'training/', 'hub_cards/', 'tools/', 'results/')) for n in names)
+    assert 'sd_zoo/readme.py' not in names  # repository tooling (tools/readme.py) stays out of the wheel
     entry_points = next(n for n in names if n.endswith('entry_points.txt'))
     text = zipfile.ZipFile(dists['wheel']).read(entry_points).decode()
-    assert 'sd-zoo-publish = sd_zoo.hub:publish_main' in text and 'sd-zoo-export = sd_zoo.hub:export_main' in text
+    assert 'sd-zoo-publish = sd_zoo.cli:publish_main' in text and 'sd-zoo-export = sd_zoo.cli:export_main' in text
+    assert 'sd-zoo-hub = sd_zoo.cli:main' in text
 
 
 def test_sdist_contents(dists):
     names = {n.split('/', 1)[1] for n in tarfile.open(dists['sdist']).getnames() if '/' in n}
     for required in ('pyproject.toml', 'setup.py', 'MANIFEST.in', 'sd_zoo-autoload.pth', 'sd_zoo/hub.py',
-                     'tests/test_hub.py', 'tests/test_packaging.py'):
+                     'tests/test_hub.py', 'tests/test_packaging.py', 'tools/readme.py', 'tools/cards.py'):
         assert required in names, required
     assert any(n.startswith('training/') and n.endswith('.py') for n in names)
     cards = {n for n in names if n.startswith('hub_cards/') and n.endswith('.md')}
@@ -114,3 +121,28 @@ def test_broken_hook_target_cannot_break_timm(venv_python, dists):
         init.write_text(original)
     assert proc.returncode == 0 and proc.stdout.strip() == 'timm'
     assert 'simulated breakage' in proc.stderr  # reported as a warning, not raised
+
+
+def test_every_public_function_works_from_the_installed_wheel(venv_python, dists, tmp_path):
+    """tests/wheel_smoke.py calls each public function of every sd_zoo module once, offline, from outside the
+    checkout; the cards and the weights table it renders from the wheel equal the committed ones."""
+    from test_hub import fake_run
+    run, baseline, work = tmp_path / 'run', tmp_path / 'baseline', tmp_path / 'work'
+    fake_run(run)
+    fake_run(baseline, drop_path_rate=0.0, test_error=0.0912, wall=800.0)
+    work.mkdir()
+    args = dict(work=str(work), run=str(run), baseline=str(baseline), bin=str(venv_python.parent),
+                export=str(ROOT / 'results' / 'fashion_mnist' / 'export'), cache=str(tmp_path / 'cache'))
+    clean = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'SD_ZOO_NO_AUTOIMPORT', 'SD_ZOO_HUB_ORG')}
+    proc = _run([str(venv_python), str(ROOT / 'tests' / 'wheel_smoke.py'), json.dumps(args)], cwd=work,
+                env={**clean, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': args['cache']})
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report['public']) > 50 and set(report['public']) - set(report['used']) == set()
+    site = str(venv_python.parent.parent)
+    assert all(path.startswith(site) for path in report['files'].values()), report['files']
+    committed = {p.name: p.read_text(encoding='utf-8') for p in (ROOT / 'hub_cards').glob('*.md')}
+    rendered = {p.name: p.read_text(encoding='utf-8') for p in (work / 'cards').glob('*.md')}
+    assert rendered == committed and committed
+    readme = (ROOT / 'README.md').read_text()
+    block = readme.split('<!-- BEGIN weights -->\n')[1].split('\n<!-- END weights -->')[0]
+    assert (work / 'table.md').read_text() == block

@@ -1,5 +1,5 @@
 """README.md's generated tables agree with the registry, the recipes and the committed results files."""
-from sd_zoo import readme
+from tools import readme
 
 
 def test_readme_is_up_to_date(capsys):

@@ -317,7 +317,8 @@ def _synthetic_splits(cfg: Any) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
 
 def _imagenet_bundle(cfg: Any, root: Path) -> DatasetBundle:
     """ImageFolder train/ and val/ with fb.resnet.torch augmentation; ILSVRC val is the reported split."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
     how = 'Pass --data-dir to an ImageNet folder with train/<class>/*.JPEG and val/<class>/*.JPEG.'
     for split in ('train', 'val'):
         if not (root / split).is_dir():

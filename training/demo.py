@@ -163,7 +163,7 @@ def small_run_argv(args: argparse.Namespace, run_dir: Path) -> List[str]:
 
 
 def train_export_publish_reload(args: argparse.Namespace, hub: LocalHubServer) -> Dict[str, Any]:
-    from sd_zoo.hub import export_run
+    from sd_zoo.publishing import export_run
     from training.data import build_datasets
     from training.recipes import build_parser, config_from_args
     run_dir, export_dir = args.output_dir / 'small_run', args.output_dir / 'small_export'

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-import timm
 import sd_zoo  # noqa: F401  (registers the sd_ models)
 from sd_zoo.hub import export_model, write_text_atomic
 
@@ -446,6 +446,7 @@ def _finish_epoch(ctx, state: TrainState, epoch: int) -> bool:
 def _setup(cfg: TrainConfig):
     """Data, model, Accelerator, optimizer, schedule and loaders, prepared; returns a context namespace."""
     from types import SimpleNamespace
+
     from accelerate.utils import set_seed
     bundle = build_datasets(cfg)
     set_seed(cfg.seed)  # not device_specific: every rank builds the same model and gate generator

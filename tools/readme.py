@@ -1,7 +1,8 @@
 """Tables of the README, rendered from the registry and from committed results files (no number typed twice).
 
-``python -m sd_zoo.readme`` rewrites the generated blocks of README.md in place;
-``python -m sd_zoo.readme --check`` fails when README.md is out of date (a test runs it).
+Repository tooling, not part of the installed package: run it from the root of a checkout.
+``python -m tools.readme`` rewrites the generated blocks of README.md in place;
+``python -m tools.readme --check`` fails when README.md is out of date (a test runs it).
 Each block sits between ``<!-- BEGIN name -->`` and ``<!-- END name -->``.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Callable, Dict, Optional, Sequence
 import timm
 import torch
 
-from . import sd_resnet  # noqa: F401  (registers the models)
+from sd_zoo.cards import readme_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,6 @@ def model_table() -> str:
 
 
 def weights_table() -> str:
-    from .pretrained import readme_table
     return readme_table()
 
 
@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     updated = render(current)
     if args.check:
         if updated != current:
-            print(f'{args.readme} is out of date: run `python -m sd_zoo.readme`', file=sys.stderr)
+            print(f'{args.readme} is out of date: run `python -m tools.readme`', file=sys.stderr)
             return 1
         return 0
     args.readme.write_text(updated)

@@ -1,0 +1,31 @@
+"""Repository tooling (tools/): the records of weights trained here agree with the committed runs they name, a
+record that drifts from its run is reported, and the committed cards are up to date."""
+import dataclasses
+
+from sd_zoo import pretrained
+from sd_zoo.pretrained import Result
+from tools import cards
+
+FMNIST = 'sd_resnet20_cifar.fashion_mnist'
+
+
+def test_every_record_agrees_with_its_committed_runs():
+    trained_here = [w for w in pretrained.published_weights() if w.run_dir]
+    assert trained_here  # the Fashion-MNIST weight at least
+    assert [line for w in trained_here for line in cards.record_mismatches(w)] == []
+
+
+def test_a_record_that_drifts_from_its_run_is_reported():
+    weight = pretrained.find_weight(FMNIST)
+    wrong_figure = dataclasses.replace(weight, results=(Result('error', 11.7, 'Fashion-MNIST', 'test', 28, 'x'),
+                                                        *weight.results[1:]))
+    assert [line.split(':')[0] for line in cards.record_mismatches(wrong_figure)] == [f'{FMNIST}.results']
+    slower = dataclasses.replace(weight.comparison[1], wall_time_s=weight.comparison[1].wall_time_s + 1)
+    wrong_time = dataclasses.replace(weight, comparison=(weight.comparison[0], slower), recipe=weight.recipe[1:])
+    assert [line.split(':')[0] for line in cards.record_mismatches(wrong_time)] == \
+        [f'{FMNIST}.recipe', f'{FMNIST}.comparison']
+
+
+def test_committed_cards_and_records_pass_the_check(capsys):
+    assert cards.main(['--check']) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == 'stale: none'

@@ -1,0 +1,1 @@
+"""Tooling of this repository (README tables, committed model cards): runs from a checkout, not installed."""
