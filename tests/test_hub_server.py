@@ -3,11 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 
 import sd_zoo  # noqa: F401  (registers the sd_ models)
-import timm
 from training.hub_server import HubServerError, LocalHubServer, olah_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

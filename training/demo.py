@@ -29,12 +29,12 @@ from typing import Any, Dict, List, Optional, Sequence
 if __package__ in (None, ''):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import timm  # noqa: E402
 import sd_zoo  # noqa: E402,F401  (registers the sd_ models)
 from training import cifar  # noqa: E402
 from training.hub_server import LocalHubServer  # noqa: E402
