@@ -59,13 +59,15 @@ def venv_python(dists):
 
 def test_wheel_contents(dists):
     names = set(zipfile.ZipFile(dists['wheel']).namelist())
-    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload'):
+    for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload',
+                   'datasets', 'sources', 'evaluate'):
         assert f'sd_zoo/{module}.py' in names
     assert 'sd_zoo-autoload.pth' in names  # at the wheel root: installed into site-packages itself
     assert not any(n.startswith(('tests/', 'training/', 'hub_cards/')) for n in names)
     entry_points = next(n for n in names if n.endswith('entry_points.txt'))
     text = zipfile.ZipFile(dists['wheel']).read(entry_points).decode()
     assert 'sd-zoo-publish = sd_zoo.hub:publish_main' in text and 'sd-zoo-export = sd_zoo.hub:export_main' in text
+    assert 'sd-zoo-eval = sd_zoo.evaluate:main' in text
 
 
 def test_sdist_contents(dists):
