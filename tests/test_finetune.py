@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import sd_zoo  # noqa: F401
 from sd_zoo import hub
 from sd_zoo.sources import create_from_pretrained, load_pretrained
-from training import cifar
+from training import cifar, imagenet
 
 SYNTHETIC = ['--preset', 'finetune_small', '--dataset', 'synthetic', '--limit', '64', '--val-size', '32',
              '--batch-size', '16', '--epochs', '1', '--no-progress', '--log-with', 'none']
@@ -118,6 +118,17 @@ def test_finetune_from_offline_hub_cache_with_new_class_count(export, tmp_path, 
     assert any('first convolution adapted' in c for c in start['changes'])
     state = load_file(str(tmp_path / 'run' / 'checkpoints' / 'step_00000002' / 'model.safetensors'))
     assert state['fc.weight'].shape == (100, 64) and state['conv1.weight'].shape[1] == 3
+
+
+def test_imagenet_script_finetunes_on_your_image_folder(tmp_path, train_data_writers):
+    rgb = make_export(tmp_path / 'rgb', in_chans=3)
+    images = train_data_writers.image_folder(tmp_path / 'images')  # train/ and val/, two classes
+    res = imagenet.main(['--preset', 'finetune_imagenet', '--pretrained', str(rgb), '--data-dir', str(images),
+                         '--batch-size', '2', '--eval-batch-size', '3', '--workers', '0', '--max-steps', '1',
+                         '--no-progress', '--log-with', 'none', '--output-dir', str(tmp_path / 'run')])
+    assert res['status'] == 'max_steps' and res['settings']['dataset'] == 'imagenet'
+    (change,) = res['run']['pretrained']['changes']
+    assert 'fc has 10 classes' in change and '2 here' in change
 
 
 def _checkpoint(out: Path, step: int):
