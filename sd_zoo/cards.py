@@ -263,7 +263,8 @@ def render_card(
     return f'---\n{_metadata(weight, figures)}\n---\n\n{body}'
 
 
-_RECIPE_KEYS = ('preset', 'dataset', 'model', 'pretrained', 'epochs', 'batch_size', 'lr', 'momentum', 'nesterov', 'weight_decay',
+_RECIPE_KEYS = ('preset', 'dataset', 'model', 'pretrained', 'epochs', 'batch_size', 'lr', 'momentum', 'nesterov',
+                'weight_decay',
                 'milestones', 'lr_gamma', 'warmup_epochs', 'augment', 'val_size', 'split_seed', 'seed',
                 'drop_path_rate', 'drop_path_schedule', 'drop_path_mode', 'drop_path_scaling', 'mixed_precision')
 

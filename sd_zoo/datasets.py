@@ -5,9 +5,10 @@
 * CIFAR-10 / CIFAR-100: the python pickle batches (``cifar-10-batches-py`` / ``cifar-100-python``).
 * SVHN: ``train_32x32.mat``, ``extra_32x32.mat``, ``test_32x32.mat`` (needs scipy).
 
-Each loader returns ``{split: (images uint8 (N, C, H, W), labels int64 (N,))}`` for the ``splits`` asked for. The evaluation command
-(:mod:`sd_zoo.evaluate`) and the training scripts (``training/data.py``, which builds the splits and the
-augmentation on top) share them; problems raise :class:`DataError` naming the file and how to get the data.
+Each loader returns ``{split: (images uint8 (N, C, H, W), labels int64 (N,))}`` for the ``splits`` asked for.
+The evaluation command (:mod:`sd_zoo.evaluate`) and the training scripts (``training/data.py``, which builds the
+splits and the augmentation on top) share them; problems raise :class:`DataError` naming the file and how to get
+the data.
 """
 from __future__ import annotations
 

@@ -255,7 +255,8 @@ def compare(result: Dict[str, Any], figures: Sequence[CardFigure], dataset_id: O
 # ------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='sd-zoo-eval', description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n\n', 1)[1])
     p.add_argument('weights', help='registered tag, hf-hub:org/name, export folder or .safetensors file')
     p.add_argument('--dataset', required=True, choices=sorted(DATASETS))
     p.add_argument('--data-dir', help='dataset folder (default: the dataset\'s usual place; imagefolder: the '

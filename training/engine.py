@@ -520,8 +520,8 @@ def _resume(ctx, state: TrainState) -> Optional[Path]:
         return None
     saved = json.loads((path / 'trainer_state.json').read_text())['config']
     changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-               if k in ('model', 'pretrained', 'dataset', 'drop_path_rate', 'drop_path_mode', 'batch_size', 'seed', 'split_seed',
-                        'grad_accum', 'limit', 'val_size', 'train_per_class') and saved.get(k) != v}
+               if k in ('model', 'dataset', 'drop_path_rate', 'drop_path_mode', 'batch_size', 'seed', 'split_seed',
+                        'grad_accum', 'limit', 'val_size', 'train_per_class', 'pretrained') and saved.get(k) != v}
     if changed:
         raise TrainingError(f'--resume={cfg.resume!r}: {path} was trained with other settings '
                             f'{ {k: v[0] for k, v in changed.items()} }; now {({k: v[1] for k, v in changed.items()})}')

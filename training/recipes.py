@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['TrainConfig', 'PRESETS', 'FINETUNE_PRESETS', 'PAPER_RUNS', 'DATASETS', 'build_parser', 'config_from_args', 'validate_config']
+__all__ = ['TrainConfig', 'PRESETS', 'FINETUNE_PRESETS', 'PAPER_RUNS', 'DATASETS', 'build_parser', 'config_from_args',
+           'validate_config']
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'imagenet', 'synthetic')
 
