@@ -20,7 +20,7 @@ from .pretrained import PAPER_RESULTS, PublishedWeight, Result, RunResult, publi
 
 __all__ = [
     'CARD_TAGS', 'BIBTEX', 'render_card', 'model_stats', 'run_figures', 'run_command', 'recipe_from_run',
-    'run_result', 'comparison_table', 'card_filename', 'read_results', 'readme_table',
+    'run_result', 'comparison_table', 'card_filename', 'read_results', 'readme_table', 'started_from',
 ]
 
 CARD_TAGS = ('image-classification', 'timm', 'stochastic-depth')
@@ -264,7 +264,8 @@ def render_card(
     return f'---\n{_metadata(weight, figures)}\n---\n\n{body}'
 
 
-_RECIPE_KEYS = ('preset', 'dataset', 'model', 'epochs', 'batch_size', 'lr', 'momentum', 'nesterov', 'weight_decay',
+_RECIPE_KEYS = ('preset', 'dataset', 'model', 'pretrained', 'epochs', 'batch_size', 'lr', 'momentum', 'nesterov',
+                'weight_decay',
                 'milestones', 'lr_gamma', 'warmup_epochs', 'augment', 'val_size', 'split_seed', 'seed',
                 'drop_path_rate', 'drop_path_schedule', 'drop_path_mode', 'drop_path_scaling', 'mixed_precision')
 
@@ -279,8 +280,22 @@ def recipe_from_run(results: Dict[str, Any]) -> List[str]:
     if not settings:
         return ['see the training command']
     lines = [f'{k}: {json.dumps(settings[k])}' for k in _RECIPE_KEYS if settings.get(k) not in (None, '')]
+    lines += started_from(results)
     if isinstance(results.get('data'), dict):  # how the images were fed (size, channels, split), as recorded
         lines.append(f"data: {json.dumps(results['data'], sort_keys=True)}")
+    return lines
+
+
+def started_from(results: Dict[str, Any]) -> List[str]:
+    """What a fine-tuning run started from (``run.pretrained`` in its results.json), as card lines."""
+    start = (results.get('run') or {}).get('pretrained')
+    if not isinstance(start, dict):
+        return []
+    where = f"Hub `{start['hub_id']}`" + (f" at commit `{start['revision']}`" if start.get('revision') else '') \
+        if start.get('hub_id') else f"`{start.get('file') or start.get('spec')}`"
+    digest = f", {Path(start['file']).name} sha256 `{start['sha256']}`" if start.get('sha256') else ''
+    lines = [f"fine-tuned from: `{start.get('tag') or start.get('architecture')}` ({where}{digest})"]
+    lines += list(start.get('changes', []))
     return lines
 
 

@@ -64,7 +64,7 @@ def venv_python(dists):
 def test_wheel_contents(dists):
     names = set(zipfile.ZipFile(dists['wheel']).namelist())
     for module in ('__init__', 'sd_resnet', 'stochastic_depth', 'pretrained', 'cards', 'hub', '_autoload',
-                   'load_errors', 'publishing', 'cli', '_version'):
+                   'load_errors', 'publishing', 'cli', '_version', 'datasets', 'sources', 'evaluate'):
         assert f'sd_zoo/{module}.py' in names
     assert 'sd_zoo-autoload.pth' in names  # at the wheel root: installed into site-packages itself
     assert not any(n.startswith(('tests/', 'training/', 'hub_cards/', 'tools/', 'results/')) for n in names)
@@ -73,6 +73,7 @@ def test_wheel_contents(dists):
     text = zipfile.ZipFile(dists['wheel']).read(entry_points).decode()
     assert 'sd-zoo-publish = sd_zoo.cli:publish_main' in text and 'sd-zoo-export = sd_zoo.cli:export_main' in text
     assert 'sd-zoo-hub = sd_zoo.cli:main' in text
+    assert 'sd-zoo-eval = sd_zoo.evaluate:main' in text
 
 
 def test_sdist_contents(dists):

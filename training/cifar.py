@@ -10,9 +10,11 @@ Two CPU processes:
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 training/cifar.py --preset fashion_mnist
 Continue an interrupted run (same command plus):
     --resume latest
+Fine-tune from pretrained weights (a tag, hf-hub:org/name, an export folder or a .safetensors file):
+    python training/cifar.py --preset finetune_small --pretrained sd_resnet20_cifar.fashion_mnist --dataset cifar10
 
 Presets (training/recipes.py): cifar10, cifar10_noaug, cifar100, cifar100_noaug, svhn, cifar10_1202,
-fashion_mnist. Outputs in --output-dir: results.json, metrics.csv/.json, tensorboard/, test_error.png,
+fashion_mnist, fashion_mnist_resnet110, finetune_small. Outputs in --output-dir: results.json, metrics.csv/.json, tensorboard/, test_error.png,
 first_conv_grad.png, best_model/ (model.safetensors + config.json for timm), checkpoints/.
 """
 from __future__ import annotations

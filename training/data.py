@@ -12,9 +12,7 @@ number of workers or processes) sees exactly the same images.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,22 +22,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from sd_zoo.datasets import DEFAULT_DATA_DIRS, DataError, load_cifar, load_fashion_mnist, load_svhn, read_idx  # noqa: F401  (DataError, read_idx, DEFAULT_DATA_DIRS: re-exported)
+
 __all__ = ['DataError', 'DatasetBundle', 'TensorImageDataset', 'SeededTransformDataset', 'build_datasets',
            'read_idx', 'DEFAULT_DATA_DIRS']
 
-DEFAULT_DATA_DIRS = {
-    'fashion_mnist': '/usr/share/datasets/fashion-mnist',
-    'cifar10': 'data/cifar10', 'cifar100': 'data/cifar100', 'svhn': 'data/svhn', 'imagenet': 'data/imagenet',
-}
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 SVHN_MEAN, SVHN_STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DataError(RuntimeError):
-    """Missing or malformed dataset files; the message names the path and how to get the data."""
 
 
 @dataclass
@@ -109,118 +101,6 @@ class SeededTransformDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_sample_seed(self.seed, self.epoch, index) % (2 ** 63))
             return self.transform(img), label
-
-
-# ----------------------------------------------------------------------------------------------- readers
-
-def _open_maybe_gz(path: Path) -> bytes:
-    opener = gzip.open if path.suffix == '.gz' else open
-    with opener(path, 'rb') as f:
-        return f.read()
-
-
-def read_idx(path: Path) -> torch.Tensor:
-    """Read one IDX file (the MNIST format): magic 0x0000 08 <ndim>, big-endian dims, then uint8 data."""
-    try:
-        data = _open_maybe_gz(path)
-    except (OSError, EOFError) as e:
-        raise DataError(f'{path}: cannot read this IDX file ({e}); re-download or reinstall the dataset') from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
-        raise DataError(f'{path}: not an uint8 IDX file (bad magic number {data[:4].hex()})')
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
-    offset, expected = 4 + 4 * ndim, int(np.prod(dims))
-    if len(data) - offset != expected:
-        raise DataError(f'{path}: truncated or malformed IDX file ({len(data) - offset} bytes of data for '
-                        f'shape {dims}); re-download or reinstall the dataset')
-    return torch.from_numpy(np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy())
-
-
-def _find(root: Path, stem: str, how_to_get: str) -> Path:
-    for name in (stem, stem + '.gz'):
-        if (root / name).is_file():
-            return root / name
-    raise DataError(f'{root / stem}(.gz) not found. {how_to_get}')
-
-
-def _load_fashion_mnist(root: Path, download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    how = ('Install the Debian package dataset-fashion-mnist (files in /usr/share/datasets/fashion-mnist), '
-           'pass --data-dir to a folder with the four IDX files, or add --download (torchvision, needs internet).')
-    if download and not (root / 'train-images-idx3-ubyte.gz').is_file() and \
-            not (root / 'train-images-idx3-ubyte').is_file():
-        from torchvision.datasets import FashionMNIST
-        for train in (True, False):
-            FashionMNIST(str(root), train=train, download=True)
-        root = root / 'FashionMNIST' / 'raw'
-    splits = {}
-    for split, prefix in (('train', 'train'), ('test', 't10k')):
-        images = read_idx(_find(root, f'{prefix}-images-idx3-ubyte', how))
-        labels = read_idx(_find(root, f'{prefix}-labels-idx1-ubyte', how))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f'{root}: {prefix} images {tuple(images.shape)} and labels {tuple(labels.shape)} '
-                            f'do not match (expected (N, 28, 28) and (N,))')
-        splits[split] = (images.unsqueeze(1), labels)
-    return splits
-
-
-def _unpickle(path: Path, how: str) -> Dict[str, Any]:
-    if not path.is_file():
-        raise DataError(f'{path} not found. {how}')
-    try:
-        with open(path, 'rb') as f:
-            return pickle.load(f, encoding='latin1')
-    except Exception as e:  # pickle raises many types on bad input
-        raise DataError(f'{path}: not a CIFAR python batch ({type(e).__name__}: {e}). {how}') from e
-
-
-def _load_cifar(root: Path, num_classes: int, download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    folder, label_key = ('cifar-10-batches-py', 'labels') if num_classes == 10 else ('cifar-100-python',
-                                                                                      'fine_labels')
-    how = (f'Pass --data-dir to the folder holding {folder}/ (the "python version" from '
-           f'https://www.cs.toronto.edu/~kriz/cifar.html) or add --download.')
-    if download and not (root / folder).is_dir():
-        from torchvision.datasets import CIFAR10, CIFAR100
-        (CIFAR10 if num_classes == 10 else CIFAR100)(str(root), train=True, download=True)
-    files = {'train': [f'data_batch_{i}' for i in range(1, 6)], 'test': ['test_batch']} if num_classes == 10 \
-        else {'train': ['train'], 'test': ['test']}
-    splits = {}
-    for split, names in files.items():
-        images, labels = [], []
-        for name in names:
-            batch = _unpickle(root / folder / name, how)
-            if 'data' not in batch or label_key not in batch:
-                raise DataError(f'{root / folder / name}: missing "data" or "{label_key}". {how}')
-            images.append(np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(batch[label_key])
-        splits[split] = (torch.from_numpy(np.concatenate(images)), torch.tensor(labels))
-    return splits
-
-
-def _load_svhn(root: Path, download: bool) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    how = ('Pass --data-dir to a folder with train_32x32.mat, extra_32x32.mat and test_32x32.mat '
-           '(http://ufldl.stanford.edu/housenumbers/) or add --download.')
-    try:
-        import scipy.io
-    except ImportError as e:
-        raise DataError('SVHN .mat files need scipy: pip install scipy (or pip install "sd_zoo[train]")') from e
-    splits = {}
-    for split in ('train', 'extra', 'test'):
-        path = root / f'{split}_32x32.mat'
-        if download and not path.is_file():
-            from torchvision.datasets import SVHN
-            SVHN(str(root), split=split, download=True)
-        if not path.is_file():
-            raise DataError(f'{path} not found. {how}')
-        try:
-            mat = scipy.io.loadmat(str(path))
-            images = torch.from_numpy(np.transpose(mat['X'], (3, 2, 0, 1)).astype(np.uint8))
-            labels = torch.from_numpy(mat['y'].astype(np.int64).reshape(-1)) % 10  # label 10 is digit 0
-        except Exception as e:
-            raise DataError(f'{path}: not an SVHN .mat file ({type(e).__name__}: {e}). {how}') from e
-        if images.shape[1:] != (3, 32, 32) or len(images) != len(labels):
-            raise DataError(f'{path}: X has shape {tuple(mat["X"].shape)}, expected (32, 32, 3, N) with N labels')
-        splits[split] = (images, labels)
-    return splits
 
 
 # ----------------------------------------------------------------------------------------------- splits
@@ -367,11 +247,11 @@ def build_datasets(cfg: Any) -> DatasetBundle:
         raise DataError(f'{root}: no such folder for dataset {cfg.dataset!r}. Pass --data-dir to the folder that '
                         f'holds it,{debian} or add --download (needs internet); see training/data.py for the formats.')
     if cfg.dataset == 'fashion_mnist':
-        return _tensor_bundle(cfg, _load_fashion_mnist(root, cfg.download), 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return _tensor_bundle(cfg, load_fashion_mnist(root, cfg.download), 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
     if cfg.dataset in ('cifar10', 'cifar100'):
         num_classes = 10 if cfg.dataset == 'cifar10' else 100
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
-        return _tensor_bundle(cfg, _load_cifar(root, num_classes, cfg.download), num_classes, mean, std)
+        return _tensor_bundle(cfg, load_cifar(root, num_classes, cfg.download), num_classes, mean, std)
     if cfg.dataset == 'svhn':
-        return _tensor_bundle(cfg, _load_svhn(root, cfg.download), 10, SVHN_MEAN, SVHN_STD)
+        return _tensor_bundle(cfg, load_svhn(root, cfg.download), 10, SVHN_MEAN, SVHN_STD)
     raise DataError(f'--dataset={cfg.dataset!r} is unknown')

@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -34,6 +34,9 @@ from sd_zoo.hub import export_model, write_text_atomic
 
 from .data import DataError, DatasetBundle, build_datasets
 from .recipes import TrainConfig, validate_config
+
+if TYPE_CHECKING:
+    from sd_zoo.sources import StartingPoint
 
 __all__ = ['train', 'run_cli', 'TrainingError', 'ConfigError', 'NonFiniteLossError', 'TrainState', 'lr_factor',
            'export_best_weights', 'resolve_checkpoint']
@@ -80,13 +83,16 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
 
 # --------------------------------------------------------------------------------------------- setup
 
-def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> nn.Module:
+def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> Tuple[nn.Module, Optional['StartingPoint']]:
+    """The run's network, from scratch or (``--pretrained``) from pretrained weights, and where those came from."""
+    if cfg.pretrained:
+        return _create_pretrained_model(cfg, bundle)
     extra = {} if cfg.zero_init_last is None else dict(zero_init_last=cfg.zero_init_last)
     try:
         return timm.create_model(
             cfg.model, num_classes=cfg.num_classes or bundle.num_classes, in_chans=cfg.in_chans or bundle.in_chans,
             drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
-            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling, **extra)
+            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling, **extra), None
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ConfigError(f'--model={cfg.model!r} is not a registered model: use an sd_ model, e.g. '
@@ -94,6 +100,35 @@ def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> nn.Module:
         raise
     except ValueError as e:  # the model's own checks name the argument (drop_path_schedule=..., ...)
         raise ConfigError(f'--{str(e).split("=")[0].replace("_", "-")}: {e}') from e
+
+
+def _create_pretrained_model(cfg: TrainConfig, bundle: DatasetBundle) -> Tuple[nn.Module, 'StartingPoint']:
+    """``cfg.model`` (default: the weights' architecture, written back into ``cfg``) initialised from
+    ``cfg.pretrained``, with the dataset's classes and channels; the stochastic-depth settings are the run's own."""
+    from sd_zoo.hub import PretrainedWeightsError
+    from sd_zoo.sources import create_from_pretrained
+    extra = {} if cfg.zero_init_last is None else dict(zero_init_last=cfg.zero_init_last)
+    try:
+        model, start = create_from_pretrained(
+            cfg.pretrained, cfg.model or None, num_classes=cfg.num_classes or bundle.num_classes,
+            in_chans=cfg.in_chans or bundle.in_chans, drop_path_rate=cfg.drop_path_rate,
+            drop_path_schedule=cfg.drop_path_schedule, drop_path_mode=cfg.drop_path_mode,
+            drop_path_scaling=cfg.drop_path_scaling, **extra)
+    except PretrainedWeightsError as e:
+        raise ConfigError(f'--pretrained={cfg.pretrained!r}: {e}') from e
+    except ValueError as e:
+        raise ConfigError(f'--{str(e).split("=")[0].replace("_", "-")}: {e}') from e
+    if not hasattr(model, 'stochastic_depth'):
+        raise ConfigError(f'--pretrained={cfg.pretrained!r} holds {start.architecture} weights, not an sd_ model')
+    cfg.model = cfg.model or start.architecture
+    return model, start
+
+
+def _report_start(acc, start: Optional['StartingPoint']) -> None:
+    if start is not None:
+        acc.print(f'starting from {start.describe()}')
+        for change in start.changes or ['same classes and input channels: every weight loaded as it is']:
+            acc.print(f'  {change}')
 
 
 def _make_accelerator(cfg: TrainConfig, model: nn.Module):
@@ -215,10 +250,12 @@ def export_best_weights(model: nn.Module, dest: Path, cfg: TrainConfig, bundle: 
 class RunLogger:
     """Per-epoch metrics (CSV, JSON, TensorBoard), plots and ``results.json``; writes on the main process only."""
 
-    def __init__(self, accelerator, cfg: TrainConfig, bundle: DatasetBundle, sd, resumed_from: Optional[Path]):
+    def __init__(self, accelerator, cfg: TrainConfig, bundle: DatasetBundle, sd, resumed_from: Optional[Path],
+                 started_from: Optional[Dict[str, Any]] = None):
         self.acc, self.cfg, self.bundle, self.sd = accelerator, cfg, bundle, sd
         self.out = Path(cfg.output_dir)
         self.resumed_from = resumed_from
+        self.started_from = started_from  # --pretrained: what the weights were (sd_zoo.sources.StartingPoint)
         self.writer = None
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -227,7 +264,8 @@ class RunLogger:
         return dict(model=self.cfg.model, dataset=self.cfg.dataset, preset=self.cfg.preset,
                     drop_path_rate=self.cfg.drop_path_rate, drop_path_mode=self.cfg.drop_path_mode,
                     drop_path_schedule=self.cfg.drop_path_schedule, seed=self.cfg.seed,
-                    num_blocks=self.sd.num_blocks, expected_depth=self.sd.expected_depth)
+                    num_blocks=self.sd.num_blocks, expected_depth=self.sd.expected_depth,
+                    pretrained=self.started_from)
 
     def log_epoch(self, state: TrainState) -> None:
         if not self.acc.is_main_process:
@@ -432,7 +470,8 @@ def _finish_epoch(ctx, state: TrainState, epoch: int) -> bool:
     ctx.checkpointer.save(state, ctx.cfg, is_best=is_best)
     if is_best and ctx.acc.is_main_process:
         meta = dict(dataset=ctx.cfg.dataset, epoch=epoch + 1, val_error=val_error, test_error=test_error,
-                    drop_path_rate=ctx.cfg.drop_path_rate, preset=ctx.cfg.preset, seed=ctx.cfg.seed)
+                    drop_path_rate=ctx.cfg.drop_path_rate, preset=ctx.cfg.preset, seed=ctx.cfg.seed,
+                    pretrained=ctx.started_from)
         export_best_weights(ctx.acc.unwrap_model(ctx.model), Path(ctx.cfg.output_dir) / 'best_model',
                             ctx.cfg, ctx.bundle, meta)
     ctx.logger.log_epoch(state)
@@ -450,13 +489,14 @@ def _setup(cfg: TrainConfig):
     from accelerate.utils import set_seed
     bundle = build_datasets(cfg)
     set_seed(cfg.seed)  # not device_specific: every rank builds the same model and gate generator
-    model = _create_model(cfg, bundle)
+    model, started_from = _create_model(cfg, bundle)
     sd = model.stochastic_depth
     sd.manual_seed(cfg.seed)
     try:
         acc = _make_accelerator(cfg, model)
     except ValueError as e:
         raise ConfigError(f'--mixed-precision={cfg.mixed_precision!r}: {e}') from e
+    _report_start(acc, started_from)
     shards = acc.num_processes * cfg.grad_accum
     if cfg.batch_size % shards:
         raise ConfigError(f'--batch-size={cfg.batch_size} must be divisible by processes x --grad-accum '
@@ -469,7 +509,7 @@ def _setup(cfg: TrainConfig):
     model, optimizer, train_loader, *eval_loaders = acc.prepare(model, optimizer, train_loader, *eval_loaders)
     return SimpleNamespace(cfg=cfg, bundle=bundle, acc=acc, model=model, sd=sd, optimizer=optimizer,
                            scheduler=scheduler, train_loader=train_loader, eval_loaders=eval_loaders,
-                           stop_reason=None)
+                           stop_reason=None, started_from=started_from.record() if started_from else None)
 
 
 def _resume(ctx, state: TrainState) -> Optional[Path]:
@@ -482,7 +522,7 @@ def _resume(ctx, state: TrainState) -> Optional[Path]:
     saved = json.loads((path / 'trainer_state.json').read_text())['config']
     changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
                if k in ('model', 'dataset', 'drop_path_rate', 'drop_path_mode', 'batch_size', 'seed', 'split_seed',
-                        'grad_accum', 'limit', 'val_size', 'train_per_class') and saved.get(k) != v}
+                        'grad_accum', 'limit', 'val_size', 'train_per_class', 'pretrained') and saved.get(k) != v}
     if changed:
         raise TrainingError(f'--resume={cfg.resume!r}: {path} was trained with other settings '
                             f'{ {k: v[0] for k, v in changed.items()} }; now {({k: v[1] for k, v in changed.items()})}')
@@ -504,7 +544,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     ctx.acc.register_for_checkpointing(ctx.scheduler, ctx.sd, state)
     ctx.checkpointer = Checkpointer(ctx.acc, Path(cfg.output_dir) / 'checkpoints', cfg.keep_last)
     resumed_from = _resume(ctx, state)
-    ctx.logger = RunLogger(ctx.acc, cfg, ctx.bundle, ctx.sd, resumed_from)
+    ctx.logger = RunLogger(ctx.acc, cfg, ctx.bundle, ctx.sd, resumed_from, ctx.started_from)
     status = 'completed'
     with _StopOnSignal() as stop:
         session_start = time.perf_counter()

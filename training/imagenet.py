@@ -6,6 +6,8 @@ weight decay 1e-4, random-resized crops + colour jitter + PCA lighting + flip), 
         --mixed-precision bf16 --channels-last --output-dir results/imagenet_sd
 Constant-depth baseline: the same with --drop-path-rate 0. Another depth: --model sd_resnet50.
 Continue an interrupted run: the same command plus --resume latest.
+Fine-tune on your own ImageFolder (train/<class>/*, val/<class>/*) from pretrained weights:
+    python training/imagenet.py --preset finetune_imagenet --pretrained sd_resnet152.a1h_in1k --data-dir my_images
 Outputs as training/cifar.py (results.json, metrics, plots, best_model/, checkpoints/); ImageNet has no separate
 test split here, so the reported figure is the validation error at its best epoch.
 """

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ['TrainConfig', 'PRESETS', 'PAPER_RUNS', 'DATASETS', 'build_parser', 'config_from_args', 'validate_config']
+__all__ = ['TrainConfig', 'PRESETS', 'FINETUNE_PRESETS', 'PAPER_RUNS', 'DATASETS', 'build_parser', 'config_from_args',
+           'validate_config']
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'imagenet', 'synthetic')
 
@@ -20,8 +21,9 @@ DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'svhn', 'imagenet', 'synthet
 class TrainConfig:
     """Everything one training run needs; ``None`` means 'the dataset's default'."""
     preset: str = ''
-    # model
+    # model ('' with --pretrained: the architecture of the pretrained weights)
     model: str = 'sd_resnet110_cifar'
+    pretrained: Optional[str] = None
     drop_path_rate: float = 0.5
     drop_path_schedule: str = 'linear'
     drop_path_mode: str = 'block'
@@ -105,6 +107,25 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                                     zero_init_last=True),
 }
 
+# Fine-tuning from pretrained weights (--pretrained is required; the model is the weights' architecture).
+# Source: BiT-HyperRule (Kolesnikov et al., "Big Transfer (BiT)", ECCV 2020, arXiv:1912.11370; the authors'
+# bit_pytorch/train.py and bit_hyperrule.py): SGD, momentum 0.9 (no Nesterov), no weight decay, lr 0.003 at batch
+# 512, a warm-up, then /10 at 30%, 60% and 90% of training. BiT counts steps (10k for 20k-500k images); this engine
+# steps its schedule per epoch, so the length is ours: 20 epochs, /10 at epochs 6, 12, 18, one warm-up epoch at a
+# tenth of the rate (BiT: a linear ramp over the first 5%). drop_path_rate 0.1 (p_L = 0.9) is our choice, not
+# BiT's (its networks have no stochastic depth): a small rate keeps some of the regularisation while the network
+# starts close to the function it was trained to compute; the paper's 0.5 is a from-scratch rate for deep nets.
+# lr scales with the batch (Goyal et al. 2017): with --batch-size 128, pass --lr 0.00075 --warmup-lr 0.000075.
+_FINETUNE = dict(lr=0.003, batch_size=512, momentum=0.9, nesterov=False, weight_decay=0.0, epochs=20,
+                 milestones=(6, 12, 18), warmup_epochs=1, warmup_lr=0.0003, drop_path_rate=0.1, augment=True)
+PRESETS.update({
+    # small images (CIFAR-10/100, SVHN, Fashion-MNIST) from a small-image model (e.g. sd_resnet20_cifar.fashion_mnist)
+    'finetune_small': dict(_FINETUNE, dataset='cifar10'),
+    # ImageFolder train/ + val/ at 224 (your images) from an ImageNet model (e.g. sd_resnet152.a1h_in1k)
+    'finetune_imagenet': dict(_FINETUNE, dataset='imagenet', eval_batch_size=200, workers=8),
+})
+FINETUNE_PRESETS = ('finetune_small', 'finetune_imagenet')
+
 _CHOICES = {
     'drop_path_schedule': ('linear', 'uniform'), 'drop_path_mode': ('block', 'sample', 'off'),
     'drop_path_scaling': ('train', 'test'), 'dataset': DATASETS, 'mixed_precision': ('no', 'fp16', 'bf16'),
@@ -112,6 +133,9 @@ _CHOICES = {
 }
 _HELP = {
     'preset': 'paper experiment to start from; every other flag overrides one of its values',
+    'model': 'architecture (default: the preset\'s; with --pretrained, the architecture of those weights)',
+    'pretrained': 'start from these weights: a registered tag (sd_resnet152.a1h_in1k), hf-hub:org/name, an export '
+                  'folder or a .safetensors file; a different head or number of input channels is adapted',
     'drop_path_rate': '1 - p_L, drop probability of the last block (0 = constant-depth baseline)',
     'data_dir': 'dataset folder (default: the dataset\'s usual place, see training/data.py)',
     'download': 'download the dataset with torchvision if it is missing (needs internet)',
@@ -166,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Preset values first, then every flag given on the command line."""
     values = dict(PRESETS[args.preset], preset=args.preset)
     values.update({k: v for k, v in vars(args).items() if v is not None and k != 'preset'})
+    if args.pretrained and args.model is None:
+        values['model'] = ''  # the pretrained weights' architecture, resolved when they are loaded
     return TrainConfig(**values)
 
 
@@ -177,6 +203,9 @@ def validate_config(cfg: TrainConfig) -> List[str]:
         if not ok:
             errors.append(f"--{name.replace('_', '-')}={getattr(cfg, name)!r}: {what}")
 
+    need(bool(cfg.pretrained) or cfg.preset not in FINETUNE_PRESETS, 'pretrained',
+         f'--preset {cfg.preset} fine-tunes: give --pretrained (a tag, hf-hub:org/name, an export folder or a file)')
+    need(bool(cfg.model or cfg.pretrained), 'model', 'name an architecture, e.g. sd_resnet110_cifar')
     need(0.0 <= cfg.drop_path_rate < 1.0, 'drop_path_rate', 'must lie in [0, 1) (0 = constant depth)')
     for name in ('epochs', 'batch_size', 'eval_batch_size', 'grad_accum'):
         need(getattr(cfg, name) >= 1, name, 'must be a positive integer')
