@@ -11,7 +11,7 @@ import timm
 import torch
 
 import sd_zoo  # noqa: F401
-from sd_zoo import evaluate, hub
+from sd_zoo import evaluate, hub, publishing
 from sd_zoo.cards import render_card
 from sd_zoo.datasets import read_idx
 from sd_zoo.pretrained import PublishedWeight, Result, find_weight
@@ -27,8 +27,8 @@ MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 def fashion_hub_cache(monkeypatch, tmp_path):
     """A Hub cache holding the committed Fashion-MNIST export under its registered repo id, network off."""
     from huggingface_hub import constants
-    oid = hub.publish(ROOT / 'results' / 'fashion_mnist' / 'export', find_weight(FASHION_TAG).repo_id,
-                      api=hub.LocalHubCache(tmp_path / 'cache'))
+    oid = publishing.publish(ROOT / 'results' / 'fashion_mnist' / 'export', find_weight(FASHION_TAG).repo_id,
+                      api=publishing.LocalHubCache(tmp_path / 'cache'))
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     return oid
@@ -150,7 +150,7 @@ def test_hf_hub_id_from_an_offline_cache(tmp_path, monkeypatch, train_data_write
     from huggingface_hub import constants
     root = train_data_writers.cifar(tmp_path / 'data', n_train=10, n_test=24)
     export = small_export(tmp_path / 'export', card=card_with_error(50.0))
-    oid = hub.publish(export, 'sd-zoo-test/eval-unit', api=hub.LocalHubCache(tmp_path / 'cache'))
+    oid = publishing.publish(export, 'sd-zoo-test/eval-unit', api=publishing.LocalHubCache(tmp_path / 'cache'))
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     code, out = run_eval(tmp_path, 'hf-hub:sd-zoo-test/eval-unit', '--dataset', 'cifar10', '--data-dir', str(root),

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sd_zoo  # noqa: F401
-from sd_zoo import hub
+from sd_zoo import hub, publishing
 from sd_zoo.sources import create_from_pretrained, load_pretrained
 from training import cifar, imagenet
 
@@ -98,14 +98,14 @@ def test_finetune_from_local_export_records_where_it_started(export, tmp_path, c
     assert json.loads((out / 'results.json').read_text())['run']['pretrained'] == start
     config = json.loads((out / 'best_model' / 'config.json').read_text())
     assert config['sd_zoo']['training']['pretrained']['sha256'] == start['sha256']
-    card = (hub.export_run(out, tmp_path / 'final', tag='ft', suggest_entry=False) / 'README.md').read_text()
+    card = (publishing.export_run(out, tmp_path / 'final', tag='ft', suggest_entry=False) / 'README.md').read_text()
     assert f'sha256 `{start["sha256"]}`' in card and 'fine-tuned from: `sd_resnet20_cifar.src`' in card
     assert f'--pretrained {export}' in card  # the rebuilt training command
 
 
 def test_finetune_from_offline_hub_cache_with_new_class_count(export, tmp_path, monkeypatch, train_data_writers):
     from huggingface_hub import constants
-    oid = hub.publish(export, f'{ORG}/ft-src', api=hub.LocalHubCache(tmp_path / 'cache'))
+    oid = publishing.publish(export, f'{ORG}/ft-src', api=publishing.LocalHubCache(tmp_path / 'cache'))
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     data = train_data_writers.cifar(tmp_path / 'cifar100', num_classes=100, n_train=300, n_test=16)
