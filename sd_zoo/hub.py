@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     'PretrainedWeightsError', 'export_model', 'export_run', 'publish', 'LocalHubCache', 'load_weights',
-    'create_model', 'explain_load_errors', 'render_all_cards', 'write_text_atomic', 'main',
+    'create_model', 'explain_load_errors', 'render_all_cards', 'write_text_atomic', 'main', 'ExportTargetError',
+    'check_export_target', 'IntegrityError', 'file_sha256', 'verify_file', 'expected_sha256',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
@@ -51,6 +52,52 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class PretrainedWeightsError(RuntimeError):
     """Weights could not be found, read or matched; the message names the problem and what is available."""
+
+
+class ExportTargetError(ValueError):
+    """The export folder holds something that is not a previous export; the message says what and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Export target guard: an export replaces only a previous export (or, with overwrite, a folder of other files),
+# never a training run
+# ------------------------------------------------------------------------------------------------------------
+EXPORT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, '.gitattributes'})
+RUN_MARKERS = ('results.json', 'metrics.json', 'checkpoints', 'trainer_state.json')
+
+
+def _is_previous_export(folder: Path) -> bool:
+    import json
+    names = {p.name for p in folder.iterdir()}
+    if not names <= EXPORT_FILES or CONFIG_FILE not in names:
+        return False
+    try:
+        return 'architecture' in json.loads((folder / CONFIG_FILE).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return False
+
+
+def check_export_target(out_dir: Union[str, Path], overwrite: bool = False) -> None:
+    """Raise :class:`ExportTargetError` unless ``out_dir`` is new, empty or a previous export.
+
+    With ``overwrite`` any other folder is replaced too, except a training run (results.json, checkpoints/,
+    ...) or a folder holding one: those are never deleted.
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportTargetError(f'--out={out} is a file, not a folder: choose a new folder for the export')
+    runs = [m for m in RUN_MARKERS if (out / m).exists()] + \
+        [str(p.relative_to(out)) for p in out.glob('*/results.json')][:3]
+    if runs:
+        raise ExportTargetError(f'--out={out} holds a training run ({", ".join(runs)}); an export never replaces '
+                                f'a run: choose a new folder, e.g. {out}/export')
+    if overwrite or not any(out.iterdir()) or _is_previous_export(out):
+        return
+    present = sorted(p.name for p in out.iterdir())
+    raise ExportTargetError(f'--out={out} is not empty and is not a previous export (it holds {present[:8]}); '
+                            f'choose a new folder, or pass --overwrite to replace its contents')
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -89,13 +136,17 @@ def export_model(
         tag: Optional[str] = None,
         metadata: Optional[Dict[str, Any]] = None,
         data_config: Optional[Dict[str, Any]] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (an `sd_` model made by ``timm.create_model``) as a Hub-ready folder; return its path.
 
     The weights are folded into ``train`` scaling on a copy; ``card`` is the README.md text; ``tag`` and
     ``metadata`` go into config.json (``pretrained_cfg.tag`` and a top-level ``sd_zoo`` entry);
     ``data_config`` (input_size, mean, std, crop_pct, ...) is the preprocessing the weights were trained with.
+    ``out_dir`` must be new, empty or a previous export (see :func:`check_export_target`; ``overwrite``).
+    The sha256 of the weights file is recorded in config.json (``sd_zoo.files``) and in the card.
     """
+    check_export_target(out_dir, overwrite)
     from timm.models._hub import save_config_for_hf
     from safetensors.torch import save_file
     from .stochastic_depth import fold_test_scaling
@@ -115,10 +166,68 @@ def export_model(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with _atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={'format': 'pt'})
+        files = {WEIGHTS_FILE: {'sha256': file_sha256(tmp / WEIGHTS_FILE), 'bytes': (tmp / WEIGHTS_FILE).stat().st_size}}
+        extra['sd_zoo']['files'] = files
         save_config_for_hf(model, str(tmp / CONFIG_FILE), model_config={'pretrained_cfg': cfg_update, **extra},
                            model_args=_schedule_args(model), data_config=data_config)
-        (tmp / CARD_FILE).write_text(card, encoding='utf-8')
+        (tmp / CARD_FILE).write_text(card_with_checksums(card, files), encoding='utf-8')
     return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Integrity: sha256 of weight files, recorded at export and checked on load
+# ------------------------------------------------------------------------------------------------------------
+class IntegrityError(PretrainedWeightsError):
+    """A file's sha256 differs from the one recorded for it: its bytes changed after it was written."""
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_with_checksums(card: str, files: Dict[str, Dict[str, Any]]) -> str:
+    rows = '\n'.join(f'| `{name}` | {info["bytes"]:,} | `{info["sha256"]}` |' for name, info in sorted(files.items()))
+    return (card.rstrip('\n') + '\n\n## Files\n\nsd_zoo checks the sha256 of the weights when it loads them.\n\n'
+            '| file | bytes | sha256 |\n|---|---|---|\n' + rows + '\n')
+
+
+def expected_sha256(path: Union[str, Path]) -> Optional[str]:
+    """The sha256 recorded for a weights file: in the ``config.json`` beside it (``sd_zoo.files``), or, for a
+    Hugging Face cache snapshot, the name of the LFS blob the file links to. None when nothing is recorded."""
+    import json
+    import re
+    path = Path(path)
+    config = path.parent / CONFIG_FILE
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text(encoding='utf-8')).get('sd_zoo', {}).get('files', {})
+        except (OSError, ValueError, AttributeError):
+            recorded = {}
+        if isinstance(recorded, dict) and isinstance(recorded.get(path.name), dict):
+            return recorded[path.name].get('sha256')
+    blob = path.resolve()
+    if blob.parent.name == 'blobs' and re.fullmatch(r'[0-9a-f]{64}', blob.name):
+        return blob.name
+    return None
+
+
+def verify_file(path: Union[str, Path], expected: Optional[str] = None) -> bool:
+    """Check ``path`` against ``expected`` (or :func:`expected_sha256`); True if verified, False if nothing is
+    recorded (unverified, accepted); :class:`IntegrityError` on a mismatch."""
+    path = Path(path)
+    expected = expected or expected_sha256(path)
+    if not expected:
+        return False
+    actual = file_sha256(path)
+    if actual != expected:
+        raise IntegrityError(
+            f'{path} is corrupted: its sha256 is {actual}, {expected} was recorded when it was written. Delete it '
+            f'and download or export it again (for a Hub file: remove it from the cache, `hf cache delete`)')
+    return True
 
 
 def _version() -> str:
@@ -194,6 +303,7 @@ def export_run(
         card_dir: Optional[Union[str, Path]] = None,
         suggest_entry: bool = True,
         baseline_run: Optional[Union[str, Path]] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Export a training run's best weights with a card built from its ``results.json``.
 
@@ -205,7 +315,9 @@ def export_run(
     from .pretrained import find_weight
 
     run_dir = Path(run_dir)
+    check_export_target(out_dir, overwrite)
     results = read_results(run_dir)
+    check_best_weights_match(run_dir, results)
     model = _model_from_run(run_dir)
     tag = tag or results.get('tag') or _run_dataset(results)
     if not tag:
@@ -220,10 +332,28 @@ def export_run(
             print(f'{name} is not in sd_zoo/pretrained.py yet; add this entry to PUBLISHED, then run '
                   f'`python -m sd_zoo.hub cards`:\n\n{entry_source(weight)}\n')
     card = render_card(weight, results, comparison=_comparison(weight))
-    export_model(model, out_dir, card, tag=tag, metadata={'run_dir': _relative(run_dir), 'results': results})
+    export_model(model, out_dir, card, tag=tag, metadata={'run_dir': _relative(run_dir), 'results': results},
+                 overwrite=overwrite)
     if card_dir is not None:
         write_text_atomic(Path(card_dir) / card_filename(weight), card)
     return Path(out_dir)
+
+
+def check_best_weights_match(run_dir: Path, results: Dict[str, Any]) -> None:
+    """Refuse a run whose ``best_model/`` is not the best epoch ``results.json`` reports (a run killed between
+    its checkpoint and the export of its best weights); resuming the run repairs it."""
+    import json
+    config = run_dir / 'best_model' / CONFIG_FILE
+    if results.get('best_epoch') is None or not config.is_file():
+        return
+    try:
+        exported = json.loads(config.read_text(encoding='utf-8')).get('sd_zoo', {}).get('training', {}).get('epoch')
+    except (OSError, ValueError, AttributeError):
+        exported = None
+    if exported is not None and exported != results['best_epoch']:
+        raise ValueError(f'{run_dir}: best_model/ holds the weights of epoch {exported}, results.json reports epoch '
+                         f'{results["best_epoch"]} as best (the run was stopped before it exported them); repair '
+                         f'it with the training command plus --resume latest, then export again')
 
 
 def _comparison(weight: 'PublishedWeight') -> Optional[str]:
@@ -438,6 +568,8 @@ def check_keys(model: nn.Module, state: Dict[str, torch.Tensor], source: str) ->
 def load_weights(model: nn.Module, path: Union[str, Path], allow_pickle: bool = False) -> nn.Module:
     """Load a weights file into ``model`` strictly; safetensors only unless ``allow_pickle``."""
     path = Path(path)
+    if path.is_file():
+        verify_file(path)
     state = _read_state_dict(path, allow_pickle)
     check_keys(model, state, str(path))
     model.load_state_dict(state, strict=True)
@@ -462,6 +594,7 @@ def _cache_listing(repo_id: str) -> str:
 @contextlib.contextmanager
 def explain_load_errors(model_name: str) -> Iterator[None]:
     """Re-raise weight-loading failures inside the block as :class:`PretrainedWeightsError` with a clear message."""
+    import timm
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
     from safetensors import SafetensorError
     from timm.models import get_pretrained_cfg
@@ -478,6 +611,11 @@ def explain_load_errors(model_name: str) -> Iterator[None]:
             raise PretrainedWeightsError(
                 f'{model_name} has no published weights ({msg}); {_available_weights(arch)}. '
                 f'Use pretrained=False for random init') from e
+        if 'Unknown model' in msg:
+            raise PretrainedWeightsError(
+                f'{model_name}: its config.json names an architecture timm does not know ({msg}); import the package '
+                f'that registers it, or check "architecture" in config.json (sd_ models: '
+                f'{", ".join(timm.list_models("sd_*")[:6])}, ...)') from e
         if 'Error(s) in loading state_dict' in msg:
             raise PretrainedWeightsError(f'weights for {model_name} do not match the model: {msg}') from e
         raise
@@ -499,7 +637,26 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     """``timm.create_model`` with :func:`explain_load_errors` around it."""
     import timm
     with explain_load_errors(model_name):
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if pretrained:
+        verify_loaded_weights(model)
+    return model
+
+
+def verify_loaded_weights(model: nn.Module) -> Optional[Path]:
+    """Check the sha256 of the file ``model``'s pretrained weights came from (a local file, or the Hub cache's
+    copy); return the file when a recorded sha256 matched, None when nothing was recorded (unverified)."""
+    from huggingface_hub import try_to_load_from_cache
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    candidates = [Path(cfg['file'])] if cfg.get('file') else []
+    if cfg.get('hf_hub_id'):
+        repo_id, _, revision = cfg['hf_hub_id'].partition('@')
+        cached = try_to_load_from_cache(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision=revision or None)
+        candidates += [Path(cached)] if isinstance(cached, str) else []
+    for path in candidates:
+        if path.is_file() and verify_file(path):
+            return path
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -511,7 +668,9 @@ def _export_parser(sub: Any) -> None:
     src.add_argument('--run', help='training run folder (results.json, model.safetensors, config.json)')
     src.add_argument('--model', help='registered weight <model>.<tag> to export as published (downloads it)')
     p.add_argument('--tag', help='pretrained tag of the export, e.g. fashion_mnist (default: the run dataset)')
-    p.add_argument('--out', required=True, help='output folder (replaced atomically)')
+    p.add_argument('--out', required=True, help='output folder: new, empty or a previous export (replaced '
+                   'atomically); never a training run')
+    p.add_argument('--overwrite', action='store_true', help='replace --out even if it holds other files')
     p.add_argument('--card-dir', help='also write the card there as <model>.<tag>.md (e.g. hub_cards)')
     p.add_argument('--baseline-run', help='constant-depth twin of --run, compared with it in the card')
 
@@ -530,16 +689,18 @@ def _publish_parser(sub: Any) -> None:
 
 def _run_export(args: argparse.Namespace) -> None:
     if args.run:
-        out = export_run(args.run, args.out, tag=args.tag, card_dir=args.card_dir, baseline_run=args.baseline_run)
+        out = export_run(args.run, args.out, tag=args.tag, card_dir=args.card_dir, baseline_run=args.baseline_run,
+                         overwrite=args.overwrite)
     else:
         from .cards import card_filename, render_card
         from .pretrained import find_weight
         weight = find_weight(args.model)
         if weight is None:
             raise SystemExit(f'{args.model} is not a published weight; {_available_weights(args.model.split(".")[0])}')
+        check_export_target(args.out, args.overwrite)
         model = create_model(args.model, pretrained=True)
         card = render_card(weight)
-        out = export_model(model, args.out, card, tag=weight.tag)
+        out = export_model(model, args.out, card, tag=weight.tag, overwrite=args.overwrite)
         if args.card_dir:
             write_text_atomic(Path(args.card_dir) / card_filename(weight), card)
     print(f'exported {out}: ' + ', '.join(sorted(p.name for p in Path(out).iterdir())))
