@@ -49,7 +49,10 @@ def survival_probabilities(
             raise ValueError(
                 f"drop_path_schedule={schedule!r} is unknown: use one of {SCHEDULES} "
                 f"or a sequence of {num_blocks} survival probabilities in (0, 1]")
-        if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
+            raise ValueError(f"drop_path_rate={drop_path_rate!r} must be a number (a float in [0, 1)), not "
+                            f"{type(drop_path_rate).__name__}")
+        if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(
                 f"drop_path_rate={drop_path_rate!r} is out of range: it is 1 - p_L, the drop probability of "
                 f"the last block, and must lie in [0, 1) (0 gives constant depth, the paper uses 0.5)")
@@ -107,6 +110,9 @@ class StochasticDepth:
         self.drop_path_rate = float(drop_path_rate) if isinstance(schedule, str) else 0.0
         self.schedule: Schedule = schedule if isinstance(schedule, str) else list(self.survival)
         self.generator = torch.Generator()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
+            raise ValueError(f'drop_path_seed={seed!r} must be an integer in [-2**63, 2**64) or None (drawn from '
+                             f"torch's global generator)")
         self.manual_seed(int(torch.randint(2 ** 62, (1,), device='cpu').item()) if seed is None else seed)
         self.last_active: Optional[List[bool]] = None
         self._scales: List[GateScale] = []
