@@ -172,3 +172,33 @@ def test_export_run_refuses_best_weights_of_another_epoch(tmp_path):
     with pytest.raises(ValueError, match=r'epoch 1, results.json reports epoch 2.*--resume latest'):
         hub.export_run(run, tmp_path / 'out', tag='t', suggest_entry=False)
     assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Scaling travels with the weights
+# ------------------------------------------------------------------------------------------------------------
+def test_test_scaled_state_dict_is_refused_by_a_train_scaled_or_timm_model():
+    from sd_zoo.stochastic_depth import SCALING_KEY
+    test_scaled = timm.create_model('sd_resnet20_cifar', drop_path_scaling='test', drop_path_rate=0.5)
+    state = test_scaled.state_dict()
+    assert SCALING_KEY in state
+    with pytest.raises(ValueError, match=r"drop_path_scaling='test' model.*fold_test_scaling"):
+        timm.create_model('sd_resnet20_cifar', drop_path_rate=0.5).load_state_dict(state)
+    with pytest.raises(RuntimeError, match=SCALING_KEY):  # timm's plain ResNet: an unexpected key
+        timm.create_model('resnet18').load_state_dict(state)
+    twin = timm.create_model('sd_resnet20_cifar', drop_path_scaling='test', drop_path_rate=0.5)
+    twin.load_state_dict(state)  # the same scaling loads strictly, the key consumed
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(x), test_scaled.eval()(x))
+
+
+def test_train_scaled_state_dict_is_unchanged_and_loads_into_timm():
+    from sd_zoo.stochastic_depth import SCALING_KEY
+    model = timm.create_model('sd_resnet50')
+    state = model.state_dict()
+    assert SCALING_KEY not in state
+    timm.create_model('resnet50').load_state_dict(state, strict=True)
+    folded = timm.create_model('sd_resnet20_cifar', drop_path_scaling='test')
+    from sd_zoo.stochastic_depth import fold_test_scaling
+    assert SCALING_KEY not in fold_test_scaling(folded).state_dict()
