@@ -190,7 +190,7 @@ def kill_at(out: Path, point: str, tmp_path: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, str(tmp_path / 'fault_runner.py'), str(ROOT / 'training' / 'cifar.py'),
                              *TINY, '--output-dir', str(out), '--checkpoint-every', '1'], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.communicate(timeout=600)
+    proc.stderr_text = proc.communicate(timeout=600)[1]
     return proc
 
 
@@ -201,7 +201,7 @@ def test_kill_at_every_point_of_the_epoch_end_then_resume_agrees(tmp_path, impro
     ref_out, ref = improving_reference
     out = tmp_path / 'run'
     proc = kill_at(out, point, tmp_path)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr_text[-3000:]
     if point == 'epoch:checkpointed':  # the case: best_model/ one best epoch behind
         assert json.loads((out / 'best_model' / 'config.json').read_text())['sd_zoo']['training']['epoch'] == 1
     if point == 'inside_best_model_swap':  # the case: best_model/ gone
