@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .cards import card_filename, readme_table, render_card
-from .hub import PretrainedWeightsError, create_model, export_model, write_text_atomic
+from .hub import PretrainedWeightsError, check_export_target, create_model, export_model, write_text_atomic
 from .load_errors import available_weights
 from .pretrained import find_weight
 from .publishing import LocalHubCache, export_run, publish, render_all_cards
@@ -30,7 +30,9 @@ def _export_parser(sub: Any) -> None:
     src.add_argument('--run', help='training run folder (results.json, model.safetensors, config.json)')
     src.add_argument('--model', help='registered weight <model>.<tag> to export as published (downloads it)')
     p.add_argument('--tag', help='pretrained tag of the export, e.g. fashion_mnist (default: the run dataset)')
-    p.add_argument('--out', required=True, help='output folder (replaced atomically)')
+    p.add_argument('--out', required=True, help='output folder: new, empty or a previous export (replaced '
+                   'atomically); never a training run')
+    p.add_argument('--overwrite', action='store_true', help='replace --out even if it holds other files')
     p.add_argument('--card-dir', help='also write the card there as <model>.<tag>.md (e.g. hub_cards)')
     p.add_argument('--baseline-run', help='constant-depth twin of --run, compared with it in the card')
 
@@ -49,14 +51,16 @@ def _publish_parser(sub: Any) -> None:
 
 def _run_export(args: argparse.Namespace) -> None:
     if args.run:
-        out = export_run(args.run, args.out, tag=args.tag, card_dir=args.card_dir, baseline_run=args.baseline_run)
+        out = export_run(args.run, args.out, tag=args.tag, card_dir=args.card_dir, baseline_run=args.baseline_run,
+                         overwrite=args.overwrite)
     else:
         weight = find_weight(args.model)
         if weight is None:
             raise SystemExit(f'{args.model} is not a published weight; {available_weights(args.model.split(".")[0])}')
+        check_export_target(args.out, args.overwrite)
         model = create_model(args.model, pretrained=True)
         card = render_card(weight)
-        out = export_model(model, args.out, card, tag=weight.tag)
+        out = export_model(model, args.out, card, tag=weight.tag, overwrite=args.overwrite)
         if args.card_dir:
             write_text_atomic(Path(args.card_dir) / card_filename(weight), card)
     print(f'exported {out}: ' + ', '.join(sorted(p.name for p in Path(out).iterdir())))

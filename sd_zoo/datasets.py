@@ -112,9 +112,17 @@ def load_cifar(root: Path, num_classes: int, download: bool, splits: Sequence[st
         images, labels = [], []
         for name in files[split]:
             batch = _unpickle(root / folder / name, how)
-            if 'data' not in batch or label_key not in batch:
+            if not isinstance(batch, dict) or 'data' not in batch or label_key not in batch:
                 raise DataError(f'{root / folder / name}: missing "data" or "{label_key}". {how}')
-            images.append(np.asarray(batch['data'], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            data = np.asarray(batch['data'])
+            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(batch[label_key]) != len(data):
+                raise DataError(f'{root / folder / name}: "data" has shape {data.shape} with {len(batch[label_key])} '
+                                f'labels; a CIFAR batch holds (N, 3072) uint8 rows (32 x 32 RGB) and N labels. {how}')
+            bad = [v for v in batch[label_key] if not 0 <= int(v) < num_classes]
+            if bad:
+                raise DataError(f'{root / folder / name}: labels {sorted(set(bad))[:5]} lie outside 0..{num_classes - 1} '
+                                f'of {folder}. {how}')
+            images.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch[label_key])
         out[split] = (torch.from_numpy(np.concatenate(images)), torch.tensor(labels))
     return out

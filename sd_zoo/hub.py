@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import os
 import shutil
 import tempfile
@@ -31,12 +32,59 @@ from .load_errors import PretrainedWeightsError, explain_load_errors
 
 __all__ = [
     'PretrainedWeightsError', 'export_model', 'load_weights', 'check_keys', 'create_model', 'explain_load_errors',
-    'write_text_atomic',
+    'write_text_atomic', 'ExportTargetError', 'check_export_target', 'IntegrityError', 'file_sha256', 'verify_file',
+    'expected_sha256',
 ]
 
 WEIGHTS_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 CARD_FILE = 'README.md'
+
+
+class ExportTargetError(ValueError):
+    """The export folder holds something that is not a previous export; the message says what and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Export target guard: an export replaces only a previous export (or, with overwrite, a folder of other files),
+# never a training run
+# ------------------------------------------------------------------------------------------------------------
+EXPORT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, '.gitattributes'})
+RUN_MARKERS = ('results.json', 'metrics.json', 'checkpoints', 'trainer_state.json')
+
+
+def _is_previous_export(folder: Path) -> bool:
+    import json
+    names = {p.name for p in folder.iterdir()}
+    if not names <= EXPORT_FILES or CONFIG_FILE not in names:
+        return False
+    try:
+        return 'architecture' in json.loads((folder / CONFIG_FILE).read_text(encoding='utf-8'))
+    except (OSError, ValueError):
+        return False
+
+
+def check_export_target(out_dir: Union[str, Path], overwrite: bool = False) -> None:
+    """Raise :class:`ExportTargetError` unless ``out_dir`` is new, empty or a previous export.
+
+    With ``overwrite`` any other folder is replaced too, except a training run (results.json, checkpoints/,
+    ...) or a folder holding one: those are never deleted.
+    """
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportTargetError(f'--out={out} is a file, not a folder: choose a new folder for the export')
+    runs = [m for m in RUN_MARKERS if (out / m).exists()] + \
+        [str(p.relative_to(out)) for p in out.glob('*/results.json')][:3]
+    if runs:
+        raise ExportTargetError(f'--out={out} holds a training run ({", ".join(runs)}); an export never replaces '
+                                f'a run: choose a new folder, e.g. {out}/export')
+    if overwrite or not any(out.iterdir()) or _is_previous_export(out):
+        return
+    present = sorted(p.name for p in out.iterdir())
+    raise ExportTargetError(f'--out={out} is not empty and is not a previous export (it holds {present[:8]}); '
+                            f'choose a new folder, or pass --overwrite to replace its contents')
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -75,13 +123,17 @@ def export_model(
         tag: Optional[str] = None,
         metadata: Optional[Dict[str, Any]] = None,
         data_config: Optional[Dict[str, Any]] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (an `sd_` model made by ``timm.create_model``) as a Hub-ready folder; return its path.
 
     The weights are folded into ``train`` scaling on a copy; ``card`` is the README.md text; ``tag`` and
     ``metadata`` go into config.json (``pretrained_cfg.tag`` and a top-level ``sd_zoo`` entry);
     ``data_config`` (input_size, mean, std, crop_pct, ...) is the preprocessing the weights were trained with.
+    ``out_dir`` must be new, empty or a previous export (see :func:`check_export_target`; ``overwrite``).
+    The sha256 of the weights file is recorded in config.json (``sd_zoo.files``) and in the card.
     """
+    check_export_target(out_dir, overwrite)
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf
 
@@ -102,10 +154,68 @@ def export_model(
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with _atomic_dir(Path(out_dir)) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={'format': 'pt'})
+        files = {WEIGHTS_FILE: {'sha256': file_sha256(tmp / WEIGHTS_FILE), 'bytes': (tmp / WEIGHTS_FILE).stat().st_size}}
+        extra['sd_zoo']['files'] = files
         save_config_for_hf(model, str(tmp / CONFIG_FILE), model_config={'pretrained_cfg': cfg_update, **extra},
                            model_args=_schedule_args(model), data_config=data_config)
-        (tmp / CARD_FILE).write_text(card, encoding='utf-8')
+        (tmp / CARD_FILE).write_text(card_with_checksums(card, files), encoding='utf-8')
     return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Integrity: sha256 of weight files, recorded at export and checked on load
+# ------------------------------------------------------------------------------------------------------------
+class IntegrityError(PretrainedWeightsError):
+    """A file's sha256 differs from the one recorded for it: its bytes changed after it was written."""
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_with_checksums(card: str, files: Dict[str, Dict[str, Any]]) -> str:
+    rows = '\n'.join(f'| `{name}` | {info["bytes"]:,} | `{info["sha256"]}` |' for name, info in sorted(files.items()))
+    return (card.rstrip('\n') + '\n\n## Files\n\nsd_zoo checks the sha256 of the weights when it loads them.\n\n'
+            '| file | bytes | sha256 |\n|---|---|---|\n' + rows + '\n')
+
+
+def expected_sha256(path: Union[str, Path]) -> Optional[str]:
+    """The sha256 recorded for a weights file: in the ``config.json`` beside it (``sd_zoo.files``), or, for a
+    Hugging Face cache snapshot, the name of the LFS blob the file links to. None when nothing is recorded."""
+    import json
+    import re
+    path = Path(path)
+    config = path.parent / CONFIG_FILE
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text(encoding='utf-8')).get('sd_zoo', {}).get('files', {})
+        except (OSError, ValueError, AttributeError):
+            recorded = {}
+        if isinstance(recorded, dict) and isinstance(recorded.get(path.name), dict):
+            return recorded[path.name].get('sha256')
+    blob = path.resolve()
+    if blob.parent.name == 'blobs' and re.fullmatch(r'[0-9a-f]{64}', blob.name):
+        return blob.name
+    return None
+
+
+def verify_file(path: Union[str, Path], expected: Optional[str] = None) -> bool:
+    """Check ``path`` against ``expected`` (or :func:`expected_sha256`); True if verified, False if nothing is
+    recorded (unverified, accepted); :class:`IntegrityError` on a mismatch."""
+    path = Path(path)
+    expected = expected or expected_sha256(path)
+    if not expected:
+        return False
+    actual = file_sha256(path)
+    if actual != expected:
+        raise IntegrityError(
+            f'{path} is corrupted: its sha256 is {actual}, {expected} was recorded when it was written. Delete it '
+            f'and download or export it again (for a Hub file: remove it from the cache, `hf cache delete`)')
+    return True
 
 
 def _version() -> str:
@@ -169,6 +279,8 @@ def check_keys(model: nn.Module, state: Dict[str, torch.Tensor], source: str) ->
 def load_weights(model: nn.Module, path: Union[str, Path], allow_pickle: bool = False) -> nn.Module:
     """Load a weights file into ``model`` strictly; safetensors only unless ``allow_pickle``."""
     path = Path(path)
+    if path.is_file():
+        verify_file(path)
     state = _read_state_dict(path, allow_pickle)
     check_keys(model, state, str(path))
     model.load_state_dict(state, strict=True)
@@ -179,4 +291,23 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     """``timm.create_model`` with :func:`explain_load_errors` around it."""
     import timm
     with explain_load_errors(model_name):
-        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if pretrained:
+        verify_loaded_weights(model)
+    return model
+
+
+def verify_loaded_weights(model: nn.Module) -> Optional[Path]:
+    """Check the sha256 of the file ``model``'s pretrained weights came from (a local file, or the Hub cache's
+    copy); return the file when a recorded sha256 matched, None when nothing was recorded (unverified)."""
+    from huggingface_hub import try_to_load_from_cache
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    candidates = [Path(cfg['file'])] if cfg.get('file') else []
+    if cfg.get('hf_hub_id'):
+        repo_id, _, revision = cfg['hf_hub_id'].partition('@')
+        cached = try_to_load_from_cache(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision=revision or None)
+        candidates += [Path(cached)] if isinstance(cached, str) else []
+    for path in candidates:
+        if path.is_file() and verify_file(path):
+            return path
+    return None

@@ -36,6 +36,7 @@ def _cache_listing(repo_id: str) -> str:
 @contextlib.contextmanager
 def explain_load_errors(model_name: str) -> Iterator[None]:
     """Re-raise weight-loading failures inside the block as :class:`PretrainedWeightsError` with a clear message."""
+    import timm
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
     from safetensors import SafetensorError
     from timm.models import get_pretrained_cfg
@@ -52,6 +53,11 @@ def explain_load_errors(model_name: str) -> Iterator[None]:
             raise PretrainedWeightsError(
                 f'{model_name} has no published weights ({msg}); {available_weights(arch)}. '
                 f'Use pretrained=False for random init') from e
+        if 'Unknown model' in msg:
+            raise PretrainedWeightsError(
+                f'{model_name}: its config.json names an architecture timm does not know ({msg}); import the package '
+                f'that registers it, or check "architecture" in config.json (sd_ models: '
+                f'{", ".join(timm.list_models("sd_*")[:6])}, ...)') from e
         if 'Error(s) in loading state_dict' in msg:
             raise PretrainedWeightsError(f'weights for {model_name} do not match the model: {msg}') from e
         raise

@@ -29,7 +29,16 @@ from .cards import (
     run_figures,
     run_result,
 )
-from .hub import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, _schedule_args, export_model, load_weights, write_text_atomic
+from .hub import (
+    CARD_FILE,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    _schedule_args,
+    check_export_target,
+    export_model,
+    load_weights,
+    write_text_atomic,
+)
 from .pretrained import PublishedWeight, Result, RunResult, find_weight, published_weights
 
 __all__ = [
@@ -127,6 +136,7 @@ def export_run(
         card_dir: Optional[Union[str, Path]] = None,
         suggest_entry: bool = True,
         baseline_run: Optional[Union[str, Path]] = None,
+        overwrite: bool = False,
 ) -> Path:
     """Export a training run's best weights with a card built from its ``results.json``.
 
@@ -135,7 +145,9 @@ def export_run(
     if ``suggest_entry``, printed, ready to paste there.
     """
     run_dir = Path(run_dir)
+    check_export_target(out_dir, overwrite)
     results = read_results(run_dir)
+    check_best_weights_match(run_dir, results)
     model = _model_from_run(run_dir)
     tag = tag or results.get('tag') or _run_dataset(results)
     if not tag:
@@ -151,10 +163,28 @@ def export_run(
             print(f'{name} is not in sd_zoo/pretrained.py yet; add this entry to PUBLISHED, then run '
                   f'`python tools/cards.py` in the repository:\n\n{entry_source(weight)}\n')
     card = render_card(weight, results)
-    export_model(model, out_dir, card, tag=tag, metadata={'run_dir': _relative(run_dir), 'results': results})
+    export_model(model, out_dir, card, tag=tag, metadata={'run_dir': _relative(run_dir), 'results': results},
+                 overwrite=overwrite)
     if card_dir is not None:
         write_text_atomic(Path(card_dir) / card_filename(weight), card)
     return Path(out_dir)
+
+
+def check_best_weights_match(run_dir: Path, results: Dict[str, Any]) -> None:
+    """Refuse a run whose ``best_model/`` is not the best epoch ``results.json`` reports (a run killed between
+    its checkpoint and the export of its best weights); resuming the run repairs it."""
+    import json
+    config = run_dir / 'best_model' / CONFIG_FILE
+    if results.get('best_epoch') is None or not config.is_file():
+        return
+    try:
+        exported = json.loads(config.read_text(encoding='utf-8')).get('sd_zoo', {}).get('training', {}).get('epoch')
+    except (OSError, ValueError, AttributeError):
+        exported = None
+    if exported is not None and exported != results['best_epoch']:
+        raise ValueError(f'{run_dir}: best_model/ holds the weights of epoch {exported}, results.json reports epoch '
+                         f'{results["best_epoch"]} as best (the run was stopped before it exported them); repair '
+                         f'it with the training command plus --resume latest, then export again')
 
 
 def entry_source(weight: PublishedWeight) -> str:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .load_errors import explain_load_errors
-from .stochastic_depth import GateScale, Schedule, StochasticDepth
+from .stochastic_depth import GateScale, Schedule, StochasticDepth, track_scaling
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck']
 
@@ -376,7 +376,8 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     feature_cfg = dict(out_indices=(0, 1, 2, 3)) if kwargs.get('cifar_stem') else None
     tag = kwargs.get('pretrained_cfg')
     with explain_load_errors(f'{variant}.{tag}' if isinstance(tag, str) and tag else variant):
-        return build_model_with_cfg(SDResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+        model = build_model_with_cfg(SDResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    return track_scaling(model) if hasattr(model, 'stochastic_depth') else model  # features_only: no state of it
 
 
 def _cifar_args(n: int) -> Dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import nn
 
 __all__ = [
     'MODES', 'SCALINGS', 'SCHEDULES', 'Schedule', 'GateScale', 'StochasticDepth',
-    'survival_probabilities', 'fold_test_scaling',
+    'survival_probabilities', 'fold_test_scaling', 'track_scaling', 'SCALING_KEY',
 ]
 
 MODES = ('block', 'sample', 'off')
@@ -49,7 +49,10 @@ def survival_probabilities(
             raise ValueError(
                 f"drop_path_schedule={schedule!r} is unknown: use one of {SCHEDULES} "
                 f"or a sequence of {num_blocks} survival probabilities in (0, 1]")
-        if not (isinstance(drop_path_rate, (int, float)) and 0.0 <= drop_path_rate < 1.0):
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)):
+            raise ValueError(f"drop_path_rate={drop_path_rate!r} must be a number (a float in [0, 1)), not "
+                            f"{type(drop_path_rate).__name__}")
+        if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(
                 f"drop_path_rate={drop_path_rate!r} is out of range: it is 1 - p_L, the drop probability of "
                 f"the last block, and must lie in [0, 1) (0 gives constant depth, the paper uses 0.5)")
@@ -107,6 +110,9 @@ class StochasticDepth:
         self.drop_path_rate = float(drop_path_rate) if isinstance(schedule, str) else 0.0
         self.schedule: Schedule = schedule if isinstance(schedule, str) else list(self.survival)
         self.generator = torch.Generator()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64):
+            raise ValueError(f'drop_path_seed={seed!r} must be an integer in [-2**63, 2**64) or None (drawn from '
+                             f"torch's global generator)")
         self.manual_seed(int(torch.randint(2 ** 62, (1,), device='cpu').item()) if seed is None else seed)
         self.last_active: Optional[List[bool]] = None
         self._scales: List[GateScale] = []
@@ -197,4 +203,35 @@ def fold_test_scaling(model: nn.Module) -> nn.Module:
             norm.weight.mul_(p)
             norm.bias.mul_(p)
     sd.scaling = 'train'
+    return model
+
+
+# The state dict of a test-scaled model is not that of a plain ResNet (its eval output scales each branch by p_l):
+# it carries this key, and a model in the other scaling refuses it instead of computing something else.
+SCALING_KEY = 'drop_path_scaling_test'
+
+
+def _add_scaling_key(model: nn.Module, state: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    if model.stochastic_depth.scaling == 'test':
+        state[prefix + SCALING_KEY] = torch.ones(())
+
+
+def _check_scaling_key(model: nn.Module, state: Dict[str, Any], prefix: str, *args: Any) -> None:
+    marked = state.pop(prefix + SCALING_KEY, None) is not None
+    if marked and model.stochastic_depth.scaling != 'test':
+        raise ValueError(
+            "this state dict is of a drop_path_scaling='test' model (branches scaled by p_l at eval), and this "
+            "model uses 'train' scaling: loading it would change the outputs. Create the model with "
+            "drop_path_scaling='test', or fold the source first (sd_zoo.stochastic_depth.fold_test_scaling, as "
+            "sd-zoo-export does)")
+
+
+def track_scaling(model: nn.Module) -> nn.Module:
+    """Make ``model``'s state dict say when it is in test scaling, and refuse such a state dict in train scaling.
+
+    A state dict without the key (a train-scaled model's, timm's, or one written before the key existed) loads as
+    before; timm's plain ResNet refuses a test-scaled one (unexpected key ``drop_path_scaling_test``).
+    """
+    model._register_state_dict_hook(_add_scaling_key)
+    model._register_load_state_dict_pre_hook(_check_scaling_key, with_module=True)
     return model

@@ -2,8 +2,10 @@
 every public function works from the installed wheel alone (no checkout on the path).
 
 One build (sdist + wheel from it, ``python -m build --no-isolation``: offline, with the installed setuptools)
-and one fresh virtual environment (``--system-site-packages`` so torch is not reinstalled; the wheel installed
-with ``--no-deps``) are shared by the tests of this module. About 15-25 s on 2 cores.
+and one fresh virtual environment (the wheel installed with ``--no-deps``) are shared by the tests of this module.
+The test venv sees the packages of the interpreter that runs the tests (torch, timm, ...) through a ``.pth`` file
+listing its site-packages folders: ``--system-site-packages`` would show the *base* interpreter's instead, which
+in a user's plain venv has no torch. About 15-25 s on 2 cores.
 """
 import json
 import os
@@ -49,11 +51,20 @@ def dists(tmp_path_factory):
     return dict(tmp=tmp, wheel=wheel, sdist=sdist)
 
 
+def outer_site_packages():
+    """The site-packages folders on this interpreter's path (its own, its base's if the venv shares them, and those
+    a .pth file added), in order; plain paths, so their .pth files (an editable sd_zoo) are not run again."""
+    return [p for p in dict.fromkeys(sys.path) if p and Path(p).is_dir() and Path(p).name in ('site-packages',
+                                                                                             'dist-packages')]
+
+
 @pytest.fixture(scope='module')
 def venv_python(dists):
     env_dir = dists['tmp'] / 'venv'
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     python = env_dir / 'bin' / 'python'
+    site_dir = next((env_dir / 'lib').glob('python*/site-packages'))
+    (site_dir / '_outer_packages.pth').write_text(''.join(f'{p}\n' for p in outer_site_packages()))
     # --ignore-installed: an sd_zoo seen through the system site or PYTHONPATH (an editable checkout) must not
     # make pip skip the wheel
     _run([sys.executable, '-m', 'pip', '--python', str(python), 'install', '--no-deps', '--no-index', '-q',

@@ -139,7 +139,10 @@ def test_sigint_saves_a_checkpoint_and_stops(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_after_first_checkpoint, daemon=True).start()
-    res = run(out, '--epochs', '50', '--checkpoint-every', '1')
+    with pytest.raises(SystemExit) as exc:  # an interrupted run does not exit 0
+        run(out, '--epochs', '50', '--checkpoint-every', '1')
+    assert exc.value.code == 75
+    res = json.loads((out / 'results.json').read_text())
     assert res['status'] == 'interrupted (SIGINT)' and res['global_step'] < 200
     latest = (out / 'checkpoints' / 'latest').read_text().strip()
     assert latest == f"step_{res['global_step']:08d}"

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 from sd_zoo.datasets import DEFAULT_DATA_DIRS, DataError, load_cifar, load_fashion_mnist, load_svhn, read_idx  # noqa: F401  (DataError, read_idx, DEFAULT_DATA_DIRS: re-exported)
 
 __all__ = ['DataError', 'DatasetBundle', 'TensorImageDataset', 'SeededTransformDataset', 'build_datasets',
-           'read_idx', 'DEFAULT_DATA_DIRS']
+           'read_idx', 'DEFAULT_DATA_DIRS', 'dataset_labels', 'check_labels']
 
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -204,9 +204,12 @@ def _imagenet_bundle(cfg: Any, root: Path) -> DatasetBundle:
         if not (root / split).is_dir():
             raise DataError(f'{root / split} not found. {how}')
     try:
-        train_base, val_base = datasets.ImageFolder(str(root / 'train')), datasets.ImageFolder(str(root / 'val'))
+        train_base, val_base = (datasets.ImageFolder(str(root / split), loader=load_image) for split in ('train', 'val'))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f'{root}: {e}. {how}') from e
+    if len(train_base.classes) < 2:
+        raise DataError(f'{root / "train"} has {len(train_base.classes)} class folder(s) {train_base.classes}: a '
+                        f'classifier needs at least two (one folder of images per class). {how}')
     if train_base.classes != val_base.classes:
         raise DataError(f'{root}: train/ has {len(train_base.classes)} classes, val/ {len(val_base.classes)}; '
                         f'both need the same class folders')
@@ -219,6 +222,46 @@ def _imagenet_bundle(cfg: Any, root: Path) -> DatasetBundle:
     val = SeededTransformDataset(_limit(val_base, cfg.limit), eval_tf, cfg.seed)
     info = dict(train_size=len(train), val_size=len(val), test_size=0, note='ILSVRC val is the reported split')
     return DatasetBundle(train, val, None, len(train_base.classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD, info)
+
+
+def load_image(path: str):
+    """An RGB PIL image; an unreadable file raises :class:`DataError` naming it (not a bare PIL traceback)."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as e:  # PIL raises many types on a damaged file
+        raise DataError(f'{path}: unreadable image ({type(e).__name__}: {e}); remove or replace the file') from e
+
+
+def dataset_labels(ds: Dataset) -> Optional[torch.Tensor]:
+    """All labels of ``ds`` without loading its images (None if it cannot tell)."""
+    if isinstance(ds, TensorImageDataset):
+        return ds.labels
+    if isinstance(ds, SeededTransformDataset):
+        return dataset_labels(ds.base)
+    if isinstance(ds, Subset):
+        labels = dataset_labels(ds.dataset)
+        return None if labels is None else labels[list(ds.indices)]
+    targets = getattr(ds, 'targets', None)
+    return torch.as_tensor(targets) if targets is not None else None
+
+
+def check_labels(bundle: DatasetBundle, dataset: str) -> None:
+    """Every label lies in 0..num_classes-1 and the training split holds at least two classes."""
+    if bundle.num_classes < 2:
+        raise DataError(f'--dataset={dataset!r} has {bundle.num_classes} class: a classifier needs at least two')
+    for split in ('train', 'val', 'test'):
+        labels = dataset_labels(getattr(bundle, split)) if getattr(bundle, split) is not None else None
+        if labels is None or not len(labels):
+            continue
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= bundle.num_classes:
+            raise DataError(f'--dataset={dataset!r}: {split} labels lie in [{low}, {high}], outside 0..'
+                            f'{bundle.num_classes - 1}; the files do not hold {bundle.num_classes}-class {dataset}')
+        if split == 'train' and len(labels.unique()) < 2:
+            raise DataError(f'--dataset={dataset!r}: the training split holds only class {low}; a classifier needs '
+                            f'images of at least two classes (check --limit / --train-per-class)')
 
 
 class _Lighting:

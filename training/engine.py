@@ -11,6 +11,7 @@ block mode can skip branches. The learning-rate schedule is per epoch and steppe
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import io
@@ -30,16 +31,31 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import sd_zoo  # noqa: F401  (registers the sd_ models)
-from sd_zoo.hub import export_model, write_text_atomic
+from sd_zoo.hub import IntegrityError, export_model, verify_file, write_text_atomic
 
-from .data import DataError, DatasetBundle, build_datasets
+from .data import DataError, DatasetBundle, build_datasets, check_labels
 from .recipes import TrainConfig, validate_config
+from .run_folder import (
+    MAY_CHANGE_ON_RESUME,
+    RunFolderError,
+    RunLock,
+    check_new_run,
+    checkpoint_files,
+    complete_checkpoints,
+    describe_refused,
+    disk_full,
+    fault_point,
+    settings_changes,
+    verify_checkpoint,
+)
 
 if TYPE_CHECKING:
     from sd_zoo.sources import StartingPoint
 
 __all__ = ['train', 'run_cli', 'TrainingError', 'ConfigError', 'NonFiniteLossError', 'TrainState', 'lr_factor',
-           'export_best_weights', 'resolve_checkpoint']
+           'export_best_weights', 'resolve_checkpoint', 'EXIT_INTERRUPTED']
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGINT/SIGTERM after saving a checkpoint; rerun with --resume latest
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +81,7 @@ class TrainState:
     train_time: float = 0.0   # seconds spent training and evaluating, summed over resumed sessions
     history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
     epoch_acc: Dict[str, float] = dataclasses.field(default_factory=dict)  # running sums of the epoch
+    resumes: List[Dict[str, Any]] = dataclasses.field(default_factory=list)  # settings changed at each resume
 
     def state_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,6 +148,18 @@ def _report_start(acc, start: Optional['StartingPoint']) -> None:
             acc.print(f'  {change}')
 
 
+def _check_data_fits_model(cfg: TrainConfig, bundle: DatasetBundle) -> None:
+    """--in-chans and --num-classes against the data, and the data's labels, before the model is built."""
+    check_labels(bundle, cfg.dataset)
+    if cfg.in_chans is not None and cfg.in_chans != bundle.in_chans:
+        raise ConfigError(f'--in-chans={cfg.in_chans} does not match the data: {cfg.dataset} images have '
+                          f'{bundle.in_chans} channel(s); omit --in-chans')
+    if cfg.num_classes is not None and cfg.num_classes < bundle.num_classes:
+        raise ConfigError(f'--num-classes={cfg.num_classes} is smaller than the {bundle.num_classes} classes of '
+                          f'{cfg.dataset} (labels 0..{bundle.num_classes - 1}); omit --num-classes or pass '
+                          f'--num-classes {bundle.num_classes}')
+
+
 def _make_accelerator(cfg: TrainConfig, model: nn.Module):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     sd = model.stochastic_depth
@@ -144,8 +173,36 @@ def _make_accelerator(cfg: TrainConfig, model: nn.Module):
         kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process: a scheduler's signal to the process group
+    must not kill a worker (and with it the main process) before the main process has saved its checkpoint.
+    Workers start with both blocked (see :func:`_batches`); ignored, a pending one is discarded."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _batches(loader):
+    """Iterate ``loader`` with SIGINT/SIGTERM blocked while it fetches, so that workers it starts inherit the
+    block until they ignore both; the main process gets a signal that arrived meanwhile right after."""
+    it = iter(loader)
+    while True:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        yield batch
+
+
 def _make_loaders(cfg: TrainConfig, bundle: DatasetBundle, per_device: int, pin: bool):
-    common = dict(num_workers=cfg.workers, pin_memory=pin, persistent_workers=False)
+    common = dict(num_workers=cfg.workers, pin_memory=pin, persistent_workers=False,
+                  worker_init_fn=_ignore_stop_signals if cfg.workers else None)
     train = DataLoader(bundle.train, batch_size=per_device, shuffle=True, drop_last=False, **common)
     evals = [DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, **common)
              for ds in (bundle.val, bundle.test) if ds is not None]
@@ -180,12 +237,8 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
             raise TrainingError(f'--resume={resume!r}: not a checkpoint folder (no trainer_state.json); use a '
                                 f'folder under <output-dir>/checkpoints/ or "latest"')
         return path
-    root = output_dir / 'checkpoints'
-    pointer = root / 'latest'
-    if pointer.is_file() and (root / pointer.read_text().strip() / 'trainer_state.json').is_file():
-        return root / pointer.read_text().strip()
-    done = sorted(p for p in root.glob('step_*') if (p / 'trainer_state.json').is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    done = complete_checkpoints(output_dir / 'checkpoints')
+    return done[0] if done else None
 
 
 class Checkpointer:
@@ -200,6 +253,21 @@ class Checkpointer:
         acc = self.accelerator
         name = f'step_{state.global_step:08d}'
         final, tmp = self.root / name, self.root / f'.tmp-{name}'
+        try:
+            self._write(state, cfg, name, final, tmp, is_best)
+        except Exception as e:  # OSError, torch's RuntimeError, safetensors' SafetensorError
+            if not disk_full(e, tmp):
+                raise
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f'no space left on device while writing checkpoint {tmp} ({type(e).__name__}: {e}); '
+                                f'free some space, then continue with --resume latest (last complete checkpoint: '
+                                f'{self.last_path or "none"})') from e
+        self.last_path = final
+        return final
+
+    def _write(self, state: TrainState, cfg: TrainConfig, name: str, final: Path, tmp: Path, is_best: bool) -> None:
+        acc = self.accelerator
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -207,19 +275,21 @@ class Checkpointer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
+            fault_point('checkpoint:state_saved')
             info = dict(epoch=state.epoch, batches_done=state.batches_done, global_step=state.global_step,
-                        config=dataclasses.asdict(cfg))
+                        best_epoch=state.best_epoch, config=dataclasses.asdict(cfg), files=checkpoint_files(tmp))
             (tmp / 'trainer_state.json').write_text(json.dumps(info, indent=1))  # written last: marks complete
+            fault_point('checkpoint:complete')
             if final.exists():  # the same step saved again (e.g. interrupted right after an epoch-end save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fault_point('checkpoint:renamed')
             write_text_atomic(self.root / 'latest', name)
+            fault_point('checkpoint:latest')
             if is_best:
                 write_text_atomic(self.root / 'best', name)
             self._prune()
         acc.wait_for_everyone()
-        self.last_path = final
-        return final
 
     def _prune(self) -> None:
         keep = {(self.root / p).read_text().strip() for p in ('latest', 'best') if (self.root / p).is_file()}
@@ -242,7 +312,31 @@ def export_best_weights(model: nn.Module, dest: Path, cfg: TrainConfig, bundle: 
                        std=tuple(bundle.std), crop_pct=1.0 if bundle.img_size < 64 else 0.875)
     card = (f'# Best-validation weights of `{cfg.output_dir}`\n\nEpoch {metadata["epoch"]}; a full model card: '
             f'`sd-zoo-export --run {cfg.output_dir} --tag <tag> --out <folder>`.\n')
-    return export_model(model, dest, card, metadata=dict(training=metadata), data_config=data_config)
+    return export_model(model, dest, card, metadata=dict(training=metadata), data_config=data_config, overwrite=True)
+
+
+def _best_metadata(cfg: TrainConfig, row: Dict[str, Any], pretrained: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    return dict(dataset=cfg.dataset, epoch=row['epoch'], val_error=row['val_error'], test_error=row['test_error'],
+                drop_path_rate=cfg.drop_path_rate, preset=cfg.preset, seed=cfg.seed, pretrained=pretrained)
+
+
+def _exported_epoch(folder: Path) -> Optional[int]:
+    """The epoch whose weights ``folder`` (a run's best_model/) holds; None if missing, unreadable or corrupt."""
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+        verify_file(folder / 'model.safetensors')
+        return config['sd_zoo']['training']['epoch']
+    except (OSError, ValueError, KeyError, TypeError, IntegrityError):
+        return None
+
+
+def _epoch_end_checkpoint(root: Path, epoch: int) -> Optional[Path]:
+    """The intact checkpoint saved at the end of ``epoch`` (1-based), if it is still kept."""
+    for path in complete_checkpoints(root):
+        info = json.loads((path / 'trainer_state.json').read_text())
+        if info['epoch'] == epoch and info['batches_done'] == 0 and verify_checkpoint(path) is None:
+            return path
+    return None
 
 
 # --------------------------------------------------------------------------------------------- logging
@@ -267,7 +361,9 @@ class RunLogger:
                     num_blocks=self.sd.num_blocks, expected_depth=self.sd.expected_depth,
                     pretrained=self.started_from)
 
-    def log_epoch(self, state: TrainState) -> None:
+    def log_epoch(self, state: TrainState, every_row: bool = False) -> None:
+        """metrics.csv/.json and the plots from the whole history; TensorBoard gets the last row (``every_row``:
+        all rows again, replacing what a killed session left)."""
         if not self.acc.is_main_process:
             return
         rows = state.history
@@ -279,7 +375,8 @@ class RunLogger:
         write_text_atomic(self.out / 'metrics.csv', table.getvalue())
         metrics = dict(run=self.run_info(), epochs=rows)
         write_text_atomic(self.out / 'metrics.json', json.dumps(metrics, indent=1))
-        self._tensorboard(rows[-1])
+        for row in (rows if every_row else rows[-1:]):
+            self._tensorboard(row)
         self._plots(metrics)
 
     def _tensorboard(self, row: Dict[str, Any]) -> None:
@@ -322,6 +419,7 @@ class RunLogger:
             data=self.bundle.info, resumed_from=str(self.resumed_from) if self.resumed_from else None,
             last_checkpoint=str(checkpoint) if checkpoint else None,
             best_weights=str(self.out / 'best_model') if best else None,
+            may_change_on_resume=list(MAY_CHANGE_ON_RESUME), resumes=state.resumes,
             versions=dict(torch=torch.__version__, timm=timm.__version__, sd_zoo=sd_zoo.__version__),
             settings=dataclasses.asdict(self.cfg))
         if self.acc.is_main_process:
@@ -364,7 +462,7 @@ def _evaluate(ctx, loader) -> float:
     """Top-1 error of the full network (all blocks, eval scaling) over ``loader``, gathered over ranks."""
     ctx.model.eval()
     wrong, total = 0, 0
-    for x, y in loader:
+    for x, y in _batches(loader):
         if ctx.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pred = ctx.model(x).argmax(dim=1)
@@ -400,7 +498,7 @@ def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Opt
                disable=not (cfg.progress and acc.is_local_main_process), leave=False)
     model.train()
     start = time.perf_counter()
-    for x, y in loader:
+    for x, y in _batches(loader):
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with acc.accumulate(model):
@@ -467,14 +565,18 @@ def _finish_epoch(ctx, state: TrainState, epoch: int) -> bool:
         state.best_val_error, state.best_epoch = val_error, epoch + 1
     ctx.scheduler.step()
     state.epoch, state.batches_done, state.epoch_acc = epoch + 1, 0, {}
+    # the checkpoint is the commit point: everything written after it is derived from it, and a resume after a
+    # kill at any later point rewrites it (_repair_outputs)
     ctx.checkpointer.save(state, ctx.cfg, is_best=is_best)
+    fault_point('epoch:checkpointed')
     if is_best and ctx.acc.is_main_process:
-        meta = dict(dataset=ctx.cfg.dataset, epoch=epoch + 1, val_error=val_error, test_error=test_error,
-                    drop_path_rate=ctx.cfg.drop_path_rate, preset=ctx.cfg.preset, seed=ctx.cfg.seed,
-                    pretrained=ctx.started_from)
         export_best_weights(ctx.acc.unwrap_model(ctx.model), Path(ctx.cfg.output_dir) / 'best_model',
-                            ctx.cfg, ctx.bundle, meta)
+                            ctx.cfg, ctx.bundle, _best_metadata(ctx.cfg, row, ctx.started_from))
+    fault_point('epoch:best_exported')
     ctx.logger.log_epoch(state)
+    fault_point('epoch:metrics_written')
+    ctx.logger.write_results(state, 'running', ctx.checkpointer.last_path)
+    fault_point('epoch:results_written')
     test_text = f', test error {100 * test_error:.2f}%' if test_error is not None else ''
     ctx.acc.print(f'epoch {epoch + 1}/{ctx.cfg.epochs}: loss {row["train_loss"]:.4f}, val error '
                   f'{100 * val_error:.2f}%{test_text}, {row["images_per_s"]:.0f} img/s, '
@@ -488,6 +590,7 @@ def _setup(cfg: TrainConfig):
 
     from accelerate.utils import set_seed
     bundle = build_datasets(cfg)
+    _check_data_fits_model(cfg, bundle)
     set_seed(cfg.seed)  # not device_specific: every rank builds the same model and gate generator
     model, started_from = _create_model(cfg, bundle)
     sd = model.stochastic_depth
@@ -512,39 +615,141 @@ def _setup(cfg: TrainConfig):
                            stop_reason=None, started_from=started_from.record() if started_from else None)
 
 
-def _resume(ctx, state: TrainState) -> Optional[Path]:
-    cfg, out = ctx.cfg, Path(ctx.cfg.output_dir)
-    path = resolve_checkpoint(cfg.resume, out) if cfg.resume else None
-    if path is None:
-        if cfg.resume:
-            ctx.acc.print(f'--resume=latest: no checkpoint in {out / "checkpoints"} yet, starting from scratch')
+def _check_model_name(cfg: TrainConfig) -> None:
+    """Before any data is read: the model must be a registered sd_ model (the engine drives its stochastic depth)."""
+    name = cfg.model.split(':')[-1]
+    if timm.is_model(name) and not name.split('.')[0].startswith('sd_'):
+        raise ConfigError(f'--model={cfg.model!r} is a timm model without sd_zoo\'s stochastic-depth controls; use '
+                          f'an sd_ model, e.g. {", ".join(timm.list_models("sd_*")[:4])}')
+
+
+def _prepare_folder(cfg: TrainConfig) -> Tuple[List[Path], Dict[str, Tuple[Any, Any]]]:
+    """Before any data is read: the checkpoints a resume may start from (newest first) and the settings it
+    changes; a fresh start in a folder holding a run, or a resume with other settings, is refused."""
+    out = Path(cfg.output_dir)
+    if not cfg.resume:
+        check_new_run(out)
+        return [], {}
+    first = resolve_checkpoint(cfg.resume, out)
+    if first is None:
+        check_new_run(out)  # --resume latest with nothing to resume from: the folder must not hold a run
+        return [], {}
+    candidates = [first] if cfg.resume != 'latest' else complete_checkpoints(out / 'checkpoints')
+    saved = None
+    for path in candidates:
+        try:
+            saved = json.loads((path / 'trainer_state.json').read_text())['config']
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    allowed, refused = settings_changes(saved or {}, cfg)
+    if refused:
+        raise ConfigError(f'--resume={cfg.resume!r}: {path} was trained with other settings: '
+                          f'{describe_refused(refused)}. Only --{", --".join(MAY_CHANGE_ON_RESUME)} may change on '
+                          f'resume; start a run in a new --output-dir to change the others')
+    allowed.pop('resume', None)
+    return candidates, allowed
+
+
+def _resume(ctx, state: TrainState, candidates: List[Path], changed: Dict[str, Tuple[Any, Any]]) -> Optional[Path]:
+    """Load the newest intact checkpoint of ``candidates``; corrupt ones (sha256 mismatch, unreadable) are passed
+    over with a message naming both, and set aside as ``corrupt-step_*``."""
+    cfg, acc = ctx.cfg, ctx.acc
+    if cfg.resume and not candidates:
+        acc.print(f'--resume={cfg.resume}: no checkpoint in {Path(cfg.output_dir) / "checkpoints"} yet, '
+                  f'starting from scratch')
+    corrupt: List[Tuple[Path, str]] = []
+    loaded = None
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            try:
+                acc.load_state(str(path))
+                loaded = path
+                break
+            except Exception as e:  # a truncated or garbled file of a checkpoint without sha256 records
+                problem = f'cannot be loaded: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        corrupt.append((path, problem))
+    if corrupt:
+        bad, why = corrupt[0]
+        if loaded is None:
+            raise TrainingError(f'--resume={cfg.resume!r}: checkpoint {bad} is corrupt ({why}) and no intact one '
+                                f'is left' + (' in --output-dir' if cfg.resume == 'latest' else
+                                              '; try --resume latest') + '; start again in a new --output-dir')
+        acc.print(f'warning: checkpoint {bad} is corrupt ({why}); resumed from the previous intact checkpoint '
+                  f'{loaded} instead')
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for path, _ in corrupt:
+                os.replace(path, path.with_name(f'corrupt-{path.name}'))
+    if loaded is None:
         return None
-    saved = json.loads((path / 'trainer_state.json').read_text())['config']
-    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-               if k in ('model', 'dataset', 'drop_path_rate', 'drop_path_mode', 'batch_size', 'seed', 'split_seed',
-                        'grad_accum', 'limit', 'val_size', 'train_per_class', 'pretrained') and saved.get(k) != v}
-    if changed:
-        raise TrainingError(f'--resume={cfg.resume!r}: {path} was trained with other settings '
-                            f'{ {k: v[0] for k, v in changed.items()} }; now {({k: v[1] for k, v in changed.items()})}')
-    ctx.acc.load_state(str(path))
-    ctx.checkpointer.last_path = path
-    ctx.acc.print(f'resumed from {path}: epoch {state.epoch + 1}, batch {state.batches_done}, step {state.global_step}')
-    return path
+    ctx.checkpointer.last_path = loaded
+    state.resumes.append(dict(global_step=state.global_step, checkpoint=loaded.name,
+                              changed={k: list(v) for k, v in changed.items()},
+                              corrupt_skipped=[p.name for p, _ in corrupt]))
+    acc.print(f'resumed from {loaded}: epoch {state.epoch + 1}, batch {state.batches_done}, step {state.global_step}'
+              + (f'; changed {changed}' if changed else ''))
+    return loaded
+
+
+def _repair_outputs(ctx, state: TrainState) -> None:
+    """Make best_model/, metrics and plots agree with the resumed checkpoint: a run killed after its checkpoint
+    and before (or while) writing them left them one epoch behind, or best_model/ half swapped."""
+    out, cfg = Path(ctx.cfg.output_dir), ctx.cfg
+    if not ctx.acc.is_main_process or not state.history:
+        return
+    for leftover in [*out.glob('.best_model.tmp-*'), *out.glob('.best_model.old-*')]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    if state.best_epoch > 0 and _exported_epoch(out / 'best_model') != state.best_epoch:
+        source = _epoch_end_checkpoint(ctx.checkpointer.root, state.best_epoch)
+        if source is None:
+            ctx.acc.print(f'warning: best_model/ does not hold epoch {state.best_epoch} and its checkpoint is gone; '
+                          f'it cannot be repaired')
+        else:
+            from safetensors.torch import load_file
+            model = copy.deepcopy(ctx.acc.unwrap_model(ctx.model))
+            model.load_state_dict(load_file(str(source / 'model.safetensors')))
+            row = next(r for r in state.history if r['epoch'] == state.best_epoch)
+            export_best_weights(model, out / 'best_model', cfg, ctx.bundle, _best_metadata(cfg, row, ctx.started_from))
+            write_text_atomic(ctx.checkpointer.root / 'best', source.name)
+            ctx.acc.print(f'repaired best_model/: epoch {state.best_epoch}, from {source}')
+    ctx.logger.log_epoch(state, every_row=True)
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get('RANK', os.environ.get('LOCAL_RANK', '0'))) == 0
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Run (or resume) one training run; returns what ``results.json`` holds."""
+    import sys
     errors = validate_config(cfg)
     if errors:
         raise ConfigError('invalid settings:\n  ' + '\n  '.join(errors))
+    _check_model_name(cfg)
+    lock = RunLock(Path(cfg.output_dir)) if _is_main_rank() else None
+    stale = lock.acquire(sys.argv) if lock else None  # also proves the folder writable, before any data is read
+    if stale:
+        print(f'note: {lock.path} was left by a run that is no longer alive (pid {stale.get("pid")}); taken over')
+    try:
+        return _train_locked(cfg)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig) -> Dict[str, Any]:
+    candidates, changed = _prepare_folder(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = _setup(cfg)
     state = TrainState()
     ctx.acc.register_for_checkpointing(ctx.scheduler, ctx.sd, state)
     ctx.checkpointer = Checkpointer(ctx.acc, Path(cfg.output_dir) / 'checkpoints', cfg.keep_last)
-    resumed_from = _resume(ctx, state)
+    resumed_from = _resume(ctx, state, candidates, changed)
     ctx.logger = RunLogger(ctx.acc, cfg, ctx.bundle, ctx.sd, resumed_from, ctx.started_from)
+    _repair_outputs(ctx, state)
     status = 'completed'
     with _StopOnSignal() as stop:
         session_start = time.perf_counter()
@@ -562,18 +767,37 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         ctx.acc.print(f'{status}: {time.perf_counter() - session_start:.1f}s in this session')
     results = ctx.logger.write_results(state, status, ctx.checkpointer.last_path)
     ctx.logger.close()
-    if status.startswith('interrupted'):
-        ctx.acc.print(f'checkpoint saved in {ctx.checkpointer.last_path}; continue with --resume latest')
     ctx.acc.wait_for_everyone()
     return results
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of ``error``; for one re-raised from a DataLoader worker, its own last line, not the traceback."""
+    text = str(error)
+    if 'Original Traceback' in text:
+        text = text.strip().splitlines()[-1]
+        text = text.split(': ', 1)[1] if text.split(': ', 1)[0].endswith('Error') else text
+    return text
+
+
 def run_cli(cfg: TrainConfig, parser: 'argparse.ArgumentParser') -> Dict[str, Any]:
     """:func:`train` for a script: bad settings go through ``parser.error``, data and run errors exit with
-    their message (no traceback: the message says what is wrong and what to do)."""
+    their message (no traceback: the message says what is wrong and what to do). A run stopped by SIGINT or
+    SIGTERM exits with status :data:`EXIT_INTERRUPTED` (75) after saving its checkpoint."""
+    import sys
     try:
-        return train(cfg)
+        results = train(cfg)
     except ConfigError as e:
         parser.error(str(e))
-    except (DataError, TrainingError) as e:
-        raise SystemExit(f'error: {e}') from e
+    except (DataError, TrainingError, RunFolderError) as e:
+        raise SystemExit(f'error: {_one_line(e)}') from e
+    except OSError as e:
+        if not disk_full(e, Path(cfg.output_dir)):
+            raise
+        raise SystemExit(f'error: no space left on device while writing {e.filename or cfg.output_dir} '
+                         f'({e.strerror or e}); free some space, then continue with --resume latest') from e
+    if results['status'].startswith('interrupted'):
+        print(f"{results['status']}: checkpoint saved in {results['last_checkpoint']}; continue with the same "
+              f"command plus --resume latest (exit status {EXIT_INTERRUPTED})", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
+    return results

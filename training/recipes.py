@@ -195,9 +195,33 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _type_errors(cfg: TrainConfig) -> List[str]:
+    """Fields of the wrong type (a config built in Python, not by the parser: ``drop_path_rate='0.5'``)."""
+    errors = []
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), f.default
+        if value is None or default is dataclasses.MISSING:
+            continue
+        if isinstance(default, bool) or f.name == 'zero_init_last':
+            ok, kind = isinstance(value, bool), 'true or false'
+        elif isinstance(default, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), 'a number'
+        elif isinstance(default, int) or f.name in ('in_chans', 'num_classes'):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), 'an integer'
+        elif isinstance(default, str) or f.name in ('data_dir', 'resume', 'compare_with'):
+            ok, kind = isinstance(value, str), 'a string'
+        else:
+            ok, kind = isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value), 'integers'
+        if not ok:
+            errors.append(f"--{f.name.replace('_', '-')}={value!r}: must be {kind}, not {type(value).__name__}")
+    return errors
+
+
 def validate_config(cfg: TrainConfig) -> List[str]:
     """Problems with the configuration, each naming its flag (empty when the configuration is valid)."""
-    errors = []
+    errors = _type_errors(cfg)
+    if errors:  # the range checks below would fail on the wrong types with less helpful messages
+        return errors
 
     def need(ok: bool, name: str, what: str) -> None:
         if not ok:
