@@ -154,7 +154,8 @@ def test_resume_with_another_starting_point_is_refused(export, tmp_path, capsys)
     cifar.main(args + ['--pretrained', str(export)])
     with pytest.raises(SystemExit) as info:
         cifar.main(args + ['--pretrained', str(export / 'model.safetensors'), '--resume', 'latest'])
-    assert 'other settings' in str(info.value.code) and "'pretrained'" in str(info.value.code)
+    err = capsys.readouterr().err  # a refused setting is a usage error (exit 2, message on stderr)
+    assert info.value.code == 2 and 'other settings' in err and '--pretrained' in err
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -642,7 +642,10 @@ def _prepare_folder(cfg: TrainConfig) -> Tuple[List[Path], Dict[str, Tuple[Any, 
             break
         except (OSError, ValueError, KeyError):
             continue
-    allowed, refused = settings_changes(saved or {}, cfg)
+    now = cfg
+    if cfg.pretrained and not cfg.model and saved:  # --pretrained without --model: the weights' architecture, which
+        now = dataclasses.replace(cfg, model=saved.get('model', ''))  # _setup writes into cfg.model once it reads them
+    allowed, refused = settings_changes(saved or {}, now)
     if refused:
         raise ConfigError(f'--resume={cfg.resume!r}: {path} was trained with other settings: '
                           f'{describe_refused(refused)}. Only --{", --".join(MAY_CHANGE_ON_RESUME)} may change on '

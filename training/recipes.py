@@ -208,7 +208,7 @@ def _type_errors(cfg: TrainConfig) -> List[str]:
             ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), 'a number'
         elif isinstance(default, int) or f.name in ('in_chans', 'num_classes'):
             ok, kind = isinstance(value, int) and not isinstance(value, bool), 'an integer'
-        elif isinstance(default, str) or f.name in ('data_dir', 'resume', 'compare_with'):
+        elif isinstance(default, str) or f.name in ('pretrained', 'data_dir', 'resume', 'compare_with'):
             ok, kind = isinstance(value, str), 'a string'
         else:
             ok, kind = isinstance(value, (tuple, list)) and all(isinstance(v, int) for v in value), 'integers'
