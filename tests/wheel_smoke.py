@@ -54,8 +54,12 @@ def rule() -> None:
         before = model(x)
         after = sd_zoo.fold_test_scaling(copy.deepcopy(model))(x)
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert stochastic_depth.SCALING_KEY in model.state_dict()  # timm.create_model tracks the scaling
+    plain = stochastic_depth.track_scaling(timm.create_model('sd_resnet20_cifar'))
+    assert stochastic_depth.SCALING_KEY not in plain.state_dict()  # train scaling: the state dict is unchanged
     for module in (sd_zoo, stochastic_depth):
         use(module, 'survival_probabilities', 'StochasticDepth', 'fold_test_scaling')
+    use(stochastic_depth, 'track_scaling')
 
 
 def models() -> None:
@@ -128,8 +132,14 @@ def loading_and_export() -> None:
     assert 'a1h_in1k' in load_errors.available_weights('sd_resnet152')
     hub.write_text_atomic(WORK / 'atomic' / 'a.txt', 'text')
     assert (WORK / 'atomic' / 'a.txt').read_text() == 'text'
+    weights = out / 'model.safetensors'
+    assert hub.expected_sha256(weights) == hub.file_sha256(weights) and hub.verify_file(weights) is True
+    assert 'corrupted' in raises(hub.IntegrityError, lambda: hub.verify_file(weights, '0' * 64))
+    hub.check_export_target(out)  # a previous export may be replaced
+    assert '--overwrite' in raises(hub.ExportTargetError, lambda: hub.check_export_target(WORK / 'atomic'))
     use(hub, 'export_model', 'load_weights', 'check_keys', 'PretrainedWeightsError', 'create_model',
-        'explain_load_errors', 'write_text_atomic')
+        'explain_load_errors', 'write_text_atomic', 'ExportTargetError', 'check_export_target', 'IntegrityError',
+        'file_sha256', 'verify_file', 'expected_sha256')
     use(load_errors, 'PretrainedWeightsError', 'explain_load_errors', 'available_weights')
 
 
