@@ -35,7 +35,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SVHN_MEAN = (0.4377, 0.4438, 0.4728)
 SVHN_STD = (0.1980, 0.2010, 0.1970)
 
-SCRIPTED_TRAINING_ERROR = (  # repeated as a literal in _SDBlock._forward_scripted, which TorchScript compiles
+SCRIPTED_TRAINING_ERROR = (  # written out in _SDBlock._forward_scripted: TorchScript needs a literal there
     'an sd_ model in training mode with stochastic depth cannot run under TorchScript: its gates are drawn in '
     'Python each step. Use the eager model (or torch.compile) for training; script it in eval mode')
 
@@ -110,9 +110,9 @@ class _SDBlock(nn.Module):
         return self.act_out(self.branch(x, 1.0 if self.training else self.scripted_eval_scale) + shortcut)
 
     def __prepare_scriptable__(self) -> nn.Module:
+        # scripting a model still in training mode works (timm's validate.py scripts before .eval()); running
+        # the scripted model in training mode raises SCRIPTED_TRAINING_ERROR
         sd = self.stochastic_depth
-        if self.training and sd.is_active:
-            raise RuntimeError(SCRIPTED_TRAINING_ERROR)
         self.scripted_eval_scale = float(sd.eval_scale(self.sd_index))
         self.scripted_has_gates = sd.is_active
         return self
