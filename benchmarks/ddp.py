@@ -1,8 +1,9 @@
 """DDP benchmark: two CPU processes (gloo), block mode against constant depth.
 
-Block mode leaves the parameters of dropped blocks without gradient, so its DistributedDataParallel needs
-``find_unused_parameters=True``; that search costs time every step. The variants, all on one set of
-weights and timed round-robin inside the same two processes:
+With ``drop_path_grad='none'`` block mode leaves the parameters of dropped blocks without gradient, so its
+DistributedDataParallel needs ``find_unused_parameters=True``; that search costs time every step. (The default,
+``drop_path_grad='zero'``, gives them a zero gradient and works under plain DDP; ``benchmarks.dropped_grad``
+measures its cost.) The variants, all on one set of weights and timed round-robin inside the same two processes:
 
 * ``constant depth`` (plain DDP, the baseline);
 * ``constant depth, find_unused_parameters`` (the price of the search alone);

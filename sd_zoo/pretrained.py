@@ -188,6 +188,29 @@ _RSB_RATE_UNKNOWN = (
     "the rate timm used for ResNet-152 is not published in timm's pretrained cfg, model card or paper."
 )
 
+_R110_SD = 'results/fashion_mnist_resnet110/stochastic'
+_R110_CONST = 'results/fashion_mnist_resnet110/constant'
+_R110_DATA = {'num_classes': 10, 'input_size': (1, 28, 28), 'crop_pct': 1.0, 'interpolation': 'bilinear',
+              'mean': (0.286,), 'std': (0.353,)}
+_R110_COMPARISON = (
+    RunResult(_R110_SD, drop_path_rate=0.5, test_error=20.25, best_epoch=23, wall_time_s=4272.5300016589945),
+    RunResult(_R110_CONST, drop_path_rate=0.0, test_error=16.84, best_epoch=24, wall_time_s=4757.753114360998))
+_R110_PROVENANCE = (
+    'Trained by sd_zoo with its own training script on the CPU of its 2-core development machine, both arms at the '
+    'same time (one thread each), following the protocol committed before the runs '
+    '(`results/fashion_mnist_resnet110/PROTOCOL.md`, with three amendments made before these runs started); run '
+    'folder `results/fashion_mnist_resnet110/{arm}` (results.json, metrics, log). Exported with `sd-zoo-export '
+    '--run results/fashion_mnist_resnet110/{arm} --tag {tag} --out results/fashion_mnist_resnet110/{out}`.')
+_R110_NOTES = (
+    'Pre-registered comparison on a 5,000-image class-balanced subset without augmentation, 24 epochs, one seed: '
+    'stochastic depth 20.25% test error at the best-validation epoch, constant depth 16.84% (+3.41 points: by the '
+    'protocol\'s rule, stochastic depth hurt here); training-time ratio 0.785 (S / C, measured inside the runs). '
+    'The project README (section "The paper\'s network") says what this means against the paper\'s numbers.',
+    'Peak lr 0.02 and zero-initialised last BatchNorms instead of the paper\'s lr 0.1 and He initialisation: with '
+    'those, both arms diverged on this small set (protocol amendments 1-3).',
+    '28 x 28 single-channel images fed as they are (in_chans=1, no resizing); ask for this tag explicitly (the '
+    'plain name `sd_resnet110_cifar` keeps its untrained CIFAR defaults).',
+)
 _FMNIST_RUN = 'results/fashion_mnist/sd_resnet20_stochastic'
 _FMNIST_BASELINE = 'results/fashion_mnist/sd_resnet20_constant'
 
@@ -262,6 +285,65 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
                'The two runs shared a busy 2-core CPU (one thread each, other jobs beside them), so their time '
                'ratio is a rough measurement; the controlled one is in the project\'s `benchmarks/`. On this '
                'shallow 9-block network and 8-epoch schedule stochastic depth did worse than constant depth.'),
+        default=False,
+    ),
+    # The pre-registered ResNet-110 experiment (results/fashion_mnist_resnet110/PROTOCOL.md): both arms are published,
+    # the stochastic-depth one and its constant-depth twin, so that either can be checked or fine-tuned.
+    PublishedWeight(
+        model='sd_resnet110_cifar',
+        tag='fashion_mnist',
+        hub_repo='sd_resnet110_cifar.fashion_mnist',
+        trained_by='sd_zoo',
+        dataset='Fashion-MNIST',
+        dataset_id='fashion_mnist',
+        data_cfg=dict(_R110_DATA),
+        recipe=('preset: "fashion_mnist_resnet110"', 'dataset: "fashion_mnist"', 'model: "sd_resnet110_cifar"',
+                'epochs: 24', 'batch_size: 128', 'lr: 0.02', 'momentum: 0.9', 'nesterov: true', 'weight_decay: 0.0001',
+                'milestones: [12, 18]', 'lr_gamma: 0.1', 'warmup_epochs: 2', 'augment: false',
+                'val_size: 2000', 'split_seed: 0', 'seed: 0', 'drop_path_rate: 0.5', 'drop_path_schedule: "linear"',
+                'drop_path_mode: "block"', 'drop_path_scaling: "train"', 'mixed_precision: "no"',
+                'data: {"split_seed": 0, "test_size": 10000, "train_fingerprint": "633b57da38d75b79", '
+                '"train_per_class": 500, "train_size": 5000, "val_fingerprint": "daa7fd65787a476e", "val_size": 2000}'),
+        train_command=('python training/cifar.py --preset fashion_mnist_resnet110 --threads 1 --no-progress '
+                       '--drop-path-rate 0.5 --output-dir <RUNS>/r110_sd_seed0'),
+        stochastic_depth=("sd_zoo's block mode (one gate per block per mini-batch, dropped branches skipped, as "
+                          "in the paper), linear schedule, p_L = 0.5"),
+        provenance=_R110_PROVENANCE.format(arm='stochastic', tag='fashion_mnist', out='export'),
+        results=(
+            Result('error', 20.25, 'Fashion-MNIST', 'test', 28, _R110_SD + '/results.json'),
+            Result('error', 19.15, 'Fashion-MNIST', 'validation', 28, _R110_SD + '/results.json')),
+        run_dir=_R110_SD,
+        baseline_run_dir=_R110_CONST,
+        comparison=_R110_COMPARISON,
+        notes=_R110_NOTES,
+        default=False,
+    ),
+    PublishedWeight(
+        model='sd_resnet110_cifar',
+        tag='fashion_mnist_constant_depth',
+        hub_repo='sd_resnet110_cifar.fashion_mnist_constant_depth',
+        trained_by='sd_zoo',
+        dataset='Fashion-MNIST',
+        dataset_id='fashion_mnist',
+        data_cfg=dict(_R110_DATA),
+        recipe=('preset: "fashion_mnist_resnet110"', 'dataset: "fashion_mnist"', 'model: "sd_resnet110_cifar"',
+                'epochs: 24', 'batch_size: 128', 'lr: 0.02', 'momentum: 0.9', 'nesterov: true', 'weight_decay: 0.0001',
+                'milestones: [12, 18]', 'lr_gamma: 0.1', 'warmup_epochs: 2', 'augment: false',
+                'val_size: 2000', 'split_seed: 0', 'seed: 0', 'drop_path_rate: 0.0', 'drop_path_schedule: "linear"',
+                'drop_path_mode: "block"', 'drop_path_scaling: "train"', 'mixed_precision: "no"',
+                'data: {"split_seed": 0, "test_size": 10000, "train_fingerprint": "633b57da38d75b79", '
+                '"train_per_class": 500, "train_size": 5000, "val_fingerprint": "daa7fd65787a476e", "val_size": 2000}'),
+        train_command=('python training/cifar.py --preset fashion_mnist_resnet110 --threads 1 --no-progress '
+                       '--drop-path-rate 0 --output-dir <RUNS>/r110_const_seed0'),
+        stochastic_depth=('none: the constant-depth twin of `sd_resnet110_cifar.fashion_mnist` '
+                          '(`--drop-path-rate 0`, every block in every step)'),
+        provenance=_R110_PROVENANCE.format(arm='constant', tag='fashion_mnist_constant_depth',
+                                           out='export_constant_depth'),
+        results=(
+            Result('error', 16.84, 'Fashion-MNIST', 'test', 28, _R110_CONST + '/results.json'),
+            Result('error', 15.2, 'Fashion-MNIST', 'validation', 28, _R110_CONST + '/results.json')),
+        run_dir=_R110_CONST,
+        notes=_R110_NOTES,
         default=False,
     ),
 )

@@ -10,21 +10,22 @@ from ``resnet50/101/152`` and evaluate to the same outputs.
 Unlike a mask-multiply drop path, a residual block dropped in ``block`` mode does not run its branch at all:
 the saving in training time is real. The rule itself lives in :mod:`sd_zoo.stochastic_depth`.
 """
-from __future__ import annotations
-
+from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
+from timm.models.resnet import drop_blocks
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .load_errors import explain_load_errors
-from .stochastic_depth import GateScale, Schedule, StochasticDepth, track_scaling
+from .stochastic_depth import GateScale, Schedule, StochasticDepth, track_scaling, zero_grads_for
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck']
 
@@ -32,6 +33,27 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SVHN_MEAN = (0.4377, 0.4438, 0.4728)
 SVHN_STD = (0.1980, 0.2010, 0.1970)
+
+SCRIPTED_TRAINING_ERROR = (  # written out in _SDBlock._forward_scripted: TorchScript needs a literal there
+    'an sd_ model in training mode with stochastic depth cannot run under TorchScript: its gates are drawn in '
+    'Python each step. Use the eager model (or torch.compile) for training; script it in eval mode')
+
+
+@register_notrace_function  # timm's fx tools, and torch.fx.wrap below for every other tracer
+def gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
+    """A training forward of ``block`` whose gate is drawn when it runs.
+
+    fx records a call to this function instead of tracing into it, so a traced model draws its gates each step
+    like the eager one instead of keeping the draw made while tracing.
+    """
+    scale = block.stochastic_depth.gate(block.sd_index, x, True)
+    if block.grad_checkpointing and torch.is_grad_enabled() and not _is_dropped(scale):
+        # the gate is an argument, so the recomputation in backward uses the same draw
+        return checkpoint(block.combine, x, scale, use_reentrant=False)
+    return block.combine(x, scale)
+
+
+torch.fx.wrap('gated_forward')
 
 
 class _SDBlock(nn.Module):
@@ -42,25 +64,57 @@ class _SDBlock(nn.Module):
         self.stochastic_depth = stochastic_depth
         self.sd_index = sd_index
         self.grad_checkpointing = False
+        # what TorchScript runs instead of the controller (set by __prepare_scriptable__)
+        self.scripted_eval_scale = 1.0
+        self.scripted_has_gates = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.stochastic_depth.gate(self.sd_index, x, self.training)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not _is_dropped(scale):
-            # the gate is an argument, so the recomputation in backward uses the same draw
-            return checkpoint(self.combine, x, scale, use_reentrant=False)
-        return self.combine(x, scale)
+        if torch.jit.is_scripting():
+            return self._forward_scripted(x)
+        if self.training and self.stochastic_depth.is_active:
+            return gated_forward(self, x)
+        return self.combine(x, self.stochastic_depth.gate(self.sd_index, x, self.training))
 
     def combine(self, x: torch.Tensor, scale: GateScale) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         if _is_dropped(scale):
-            # x is the output of a ReLU, so a dropped identity block is exactly x
-            return shortcut if self.downsample is None else self.act_out(shortcut)
+            return self.skip(x)
+        shortcut = x if self.downsample is None else self.downsample(x)
         if isinstance(scale, torch.Tensor):
             return self.act_out(torch.addcmul(shortcut, self.branch(x), scale))
         # a float scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place
         # add, as in timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no
         # extra pass over the activations for the scale, neither forward nor backward
         return self.act_out(self.branch(x, scale).add_(shortcut))
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the dropped block: its branch is not computed."""
+        if self.stochastic_depth.dropped_grad == 'zero':
+            x = zero_grads_for(x, self.branch_parameters())
+        if self.downsample is None:
+            return x  # x is the output of a ReLU, so a dropped identity block is exactly x
+        return self.act_out(self.downsample(x))
+
+    def branch_parameters(self) -> List[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith('downsample.')]
+
+    def _forward_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.scripted_has_gates:
+            raise RuntimeError(
+                'an sd_ model in training mode with stochastic depth cannot run under TorchScript: its gates are '
+                'drawn in Python each step. Use the eager model (or torch.compile) for training; script it in eval '
+                'mode')
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x)
+        return self.act_out(self.branch(x, 1.0 if self.training else self.scripted_eval_scale) + shortcut)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # scripting a model still in training mode works (timm's validate.py scripts before .eval()); running
+        # the scripted model in training mode raises SCRIPTED_TRAINING_ERROR
+        sd = self.stochastic_depth
+        self.scripted_eval_scale = float(sd.eval_scale(self.sd_index))
+        self.scripted_has_gates = sd.is_active
+        return self
 
     def branch(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The residual branch, times ``scale``."""
@@ -123,10 +177,12 @@ class SDBasicBlock(_SDBlock):
             sd_index: int,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            drop_block: Optional[Type[nn.Module]] = None,
     ):
         super().__init__(stochastic_depth, sd_index)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = norm_layer(planes)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()  # where timm's BasicBlock has it
         self.act1 = act_layer(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = norm_layer(planes)
@@ -135,7 +191,10 @@ class SDBasicBlock(_SDBlock):
         self.downsample = PadShortcut(inplanes, planes, stride) if reshape else None
 
     def branch(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        return scaled_norm(self.bn2, self.conv2(self.act1(self.bn1(self.conv1(x)))), scale)
+        x = self.conv2(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
+        if torch.jit.is_scripting():
+            return self.bn2(x) if scale == 1.0 else self.bn2(x) * scale
+        return scaled_norm(self.bn2, x, scale)
 
     def branch_norm(self) -> nn.BatchNorm2d:
         return self.bn2
@@ -154,6 +213,7 @@ class SDBottleneck(_SDBlock):
             sd_index: int,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            drop_block: Optional[Type[nn.Module]] = None,
     ):
         super().__init__(stochastic_depth, sd_index)
         outplanes = planes * self.expansion
@@ -162,6 +222,7 @@ class SDBottleneck(_SDBlock):
         self.act1 = act_layer(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = norm_layer(planes)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()  # where timm's Bottleneck has it
         self.act2 = act_layer(inplace=True)
         self.conv3 = nn.Conv2d(planes, outplanes, 1, bias=False)
         self.bn3 = norm_layer(outplanes)
@@ -174,8 +235,10 @@ class SDBottleneck(_SDBlock):
 
     def branch(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))
-        x = self.act2(self.bn2(self.conv2(x)))
-        return scaled_norm(self.bn3, self.conv3(x), scale)
+        x = self.conv3(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
+        if torch.jit.is_scripting():
+            return self.bn3(x) if scale == 1.0 else self.bn3(x) * scale
+        return scaled_norm(self.bn3, x, scale)
 
     def branch_norm(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -191,22 +254,45 @@ def make_stages(
         inplanes: int,
         stochastic_depth: StochasticDepth,
         reduction: int,
+        drop_block_rate: float = 0.0,
         **block_kwargs: Any,
 ) -> Tuple[List[Tuple[str, nn.Sequential]], List[Dict[str, Any]]]:
-    """Build ``layer1..layerN``, numbering the blocks for the stochastic-depth schedule."""
+    """Build ``layer1..layerN``, numbering the blocks for the stochastic-depth schedule.
+
+    DropBlock goes where timm's ResNet puts it (``timm.models.resnet.drop_blocks``: the third and fourth stage).
+    """
     stages, feature_info, sd_index = [], [], 0
-    for stage_idx, (num_blocks, planes) in enumerate(zip(layers, channels)):
+    stage_args = zip(layers, channels, drop_blocks(drop_block_rate))
+    for stage_idx, (num_blocks, planes, drop_block) in enumerate(stage_args):
         stride = 1 if stage_idx == 0 else 2
         reduction *= stride
         blocks = []
         for block_idx in range(num_blocks):
             blocks.append(block(
-                inplanes, planes, stride if block_idx == 0 else 1, stochastic_depth, sd_index, **block_kwargs))
+                inplanes, planes, stride if block_idx == 0 else 1, stochastic_depth, sd_index,
+                drop_block=drop_block, **block_kwargs))
             inplanes, sd_index = planes * block.expansion, sd_index + 1
         name = f'layer{stage_idx + 1}'
         stages.append((name, nn.Sequential(*blocks)))
         feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=name))
     return stages, feature_info
+
+
+# timm ResNet arguments without an equivalent here, with the value that means "not used"
+_TIMM_RESNET_DEFAULTS = dict(
+    output_stride=32, cardinality=1, base_width=64, stem_width=64, stem_type='', replace_stem_pool=False,
+    block_reduce_first=1, down_kernel_size=1, avg_down=False, aa_layer=None, block_args=None)
+
+
+def _check_timm_resnet_args(kwargs: Dict[str, Any]) -> None:
+    """Accept timm ResNet arguments at their neutral value; name any other argument in the error."""
+    for name, value in kwargs.items():
+        if name not in _TIMM_RESNET_DEFAULTS:
+            raise TypeError(f"SDResNet got an unexpected keyword argument {name!r}")
+        if value != _TIMM_RESNET_DEFAULTS[name] and not (name == 'block_args' and value == {}):
+            raise ValueError(
+                f"{name}={value!r} is not supported by sd_ models (timm's ResNet option; here only "
+                f"{name}={_TIMM_RESNET_DEFAULTS[name]!r}, the plain ResNet of the paper)")
 
 
 class SDResNet(nn.Module):
@@ -223,6 +309,11 @@ class SDResNet(nn.Module):
         drop_path_mode: ``'block'``, ``'sample'`` or ``'off'``.
         drop_path_scaling: ``'train'`` (inverted) or ``'test'`` (the paper's).
         drop_path_seed: seed of the gate generator (see :class:`StochasticDepth`).
+        drop_path_grad: ``'zero'`` (default): a dropped block's parameters get a zero gradient, so plain DDP
+            works and they get weight decay and momentum as in the paper's code; ``'none'``: their ``grad`` stays
+            ``None`` (DDP then needs ``find_unused_parameters=True``).
+        drop_block_rate: DropBlock in the third and fourth stage, as in timm's ResNet.
+        bn_momentum, bn_eps: BatchNorm settings (timm's ``train.py --bn-momentum/--bn-eps``).
         zero_init_last: zero the last BatchNorm of each branch at init (timm's default; it keeps an untrained
             1202-layer net finite in eval). ``False`` gives the paper's He initialisation.
     """
@@ -242,17 +333,30 @@ class SDResNet(nn.Module):
             drop_path_mode: str = 'block',
             drop_path_scaling: str = 'train',
             drop_path_seed: Optional[int] = None,
+            drop_path_grad: str = 'zero',
+            drop_block_rate: float = 0.0,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             zero_init_last: bool = True,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
+            **timm_resnet_args: Any,
     ):
         super().__init__()
+        _check_timm_resnet_args(timm_resnet_args)
+        if not 1 <= len(layers) <= 4:
+            raise ValueError(f'layers={tuple(layers)!r}: SDResNet has 1 to 4 stages')
+        norm_args = {k: v for k, v in (('momentum', bn_momentum), ('eps', bn_eps)) if v is not None}
+        norm_layer = partial(norm_layer, **norm_args) if norm_args else norm_layer
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.stochastic_depth = StochasticDepth(
-            sum(layers), drop_path_rate, drop_path_schedule, drop_path_mode, drop_path_scaling, drop_path_seed)
+            sum(layers), drop_path_rate, drop_path_schedule, drop_path_mode, drop_path_scaling, drop_path_seed,
+            drop_path_grad)
 
         # Stem
         inplanes = channels[0] if cifar_stem else 64
@@ -268,7 +372,7 @@ class SDResNet(nn.Module):
         # Stages
         stages, stage_info = make_stages(
             block, layers, channels, inplanes, self.stochastic_depth, 1 if cifar_stem else 4,
-            act_layer=act_layer, norm_layer=norm_layer)
+            drop_block_rate=drop_block_rate, act_layer=act_layer, norm_layer=norm_layer)
         for name, stage in stages:
             self.add_module(name, stage)
         self.stage_names = tuple(name for name, _ in stages)
@@ -278,6 +382,8 @@ class SDResNet(nn.Module):
         self.num_features = self.head_hidden_size = stage_info[-1]['num_chs']
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
         self.init_weights(zero_init_last)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     @torch.jit.ignore
     def init_weights(self, zero_init_last: bool = True) -> None:
@@ -311,9 +417,10 @@ class SDResNet(nn.Module):
         self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        device = self.conv1.weight.device
+        like = self.conv1.weight
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.fc.to(device)
+        self.fc.to(device=like.device, dtype=like.dtype).train(self.training)
+        self.global_pool.train(self.training)
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def forward_intermediates(
@@ -358,8 +465,21 @@ class SDResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if torch.jit.is_scripting():
+            return self._stages_scripted(x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
+        return x
+
+    def _stages_scripted(self, x: torch.Tensor) -> torch.Tensor:
+        # TorchScript cannot look stages up by a name held in a variable; hasattr is resolved when scripting
+        x = self.layer1(x)
+        if hasattr(self, 'layer2'):
+            x = self.layer2(x)
+        if hasattr(self, 'layer3'):
+            x = self.layer3(x)
+        if hasattr(self, 'layer4'):
+            x = self.layer4(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -9,25 +9,32 @@ how to combine its residual branch with the shortcut:
 * a tensor of shape (B, 1, 1, 1): a per-sample mask (sample mode, training).
 
 All gates of a forward pass come from a single draw, made when the first block asks for its gate, so
-gradient checkpointing (which passes the gate explicitly) and distributed ranks seeded alike see the same
-drops.
-"""
-from __future__ import annotations
+gradient checkpointing (which passes the gate explicitly) sees the same drops.
 
+Distributed training: in block mode every rank must drop the same blocks (a block kept on k of N ranks would
+get its gradient scaled by k/N). The first draw made while a process group exists broadcasts rank 0's gate
+generator state to all ranks, so they agree whatever each rank seeded (timm's ``train.py`` seeds torch with
+``seed + rank``). The parameters of a dropped block get an exact zero gradient by default
+(``dropped_grad='zero'``), so plain ``DistributedDataParallel`` (``find_unused_parameters=False``) works and the
+optimizer applies weight decay and momentum to them, as the authors' code did; ``dropped_grad='none'`` leaves
+their ``grad`` at ``None`` (DDP then needs ``find_unused_parameters=True``).
+"""
 import math
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = [
     'MODES', 'SCALINGS', 'SCHEDULES', 'Schedule', 'GateScale', 'StochasticDepth',
-    'survival_probabilities', 'fold_test_scaling', 'track_scaling', 'SCALING_KEY',
+    'survival_probabilities', 'fold_test_scaling', 'zero_grads_for', 'track_scaling', 'SCALING_KEY',
 ]
 
 MODES = ('block', 'sample', 'off')
 SCALINGS = ('train', 'test')
 SCHEDULES = ('linear', 'uniform')
+DROPPED_GRADS = ('zero', 'none')
 
 Schedule = Union[str, Sequence[float]]
 GateScale = Union[float, torch.Tensor]
@@ -92,6 +99,12 @@ class StochasticDepth:
             or ``'test'`` (the paper's: branch scaled by p_l at eval).
         seed: seed of the gate generator; ``None`` draws one from torch's global generator, so that
             ``torch.manual_seed`` before model creation makes the drop sequence reproducible.
+        dropped_grad: ``'zero'`` (a dropped block's parameters get a zero gradient) or ``'none'`` (their
+            ``grad`` stays ``None``); block mode only.
+
+    ``agree_across_ranks`` (default True): in block mode, the first draw after a process group exists (and the
+    first after :meth:`manual_seed` or :meth:`load_state_dict`) broadcasts rank 0's generator state. That draw
+    is a collective: every rank of the default group must run the training forward, as under DDP.
     """
 
     def __init__(
@@ -102,8 +115,12 @@ class StochasticDepth:
             mode: str = 'block',
             scaling: str = 'train',
             seed: Optional[int] = None,
+            dropped_grad: str = 'zero',
     ):
         self.mode = _check_choice('drop_path_mode', mode, MODES)
+        self.dropped_grad = _check_choice('drop_path_grad', dropped_grad, DROPPED_GRADS)
+        self.agree_across_ranks = True
+        self._ranks_agree = False
         self.scaling = _check_choice('drop_path_scaling', scaling, SCALINGS)
         self.survival = survival_probabilities(num_blocks, drop_path_rate, schedule)
         # the arguments as given, so that an export can rebuild exactly this schedule
@@ -136,6 +153,7 @@ class StochasticDepth:
         """Seed the gate generator; ranks seeded alike drop the same blocks."""
         self.generator.manual_seed(seed)
         self._cursor = self.num_blocks
+        self._ranks_agree = False
         return self
 
     def state_dict(self) -> Dict[str, Any]:
@@ -146,11 +164,16 @@ class StochasticDepth:
         self.generator.set_state(state['generator'])
         self.last_active = state['last_active']
         self._cursor = self.num_blocks
+        self._ranks_agree = False
+
+    def eval_scale(self, index: int) -> float:
+        """The factor of block ``index``'s branch in evaluation: p_l in test scaling, else 1."""
+        return self.survival[index] if self.scaling == 'test' and self.mode != 'off' else 1.0
 
     def gate(self, index: int, x: torch.Tensor, training: bool) -> GateScale:
         """How block ``index`` combines its branch with the shortcut for input ``x`` (see module doc)."""
         if not training:
-            return self.survival[index] if self.scaling == 'test' and self.mode != 'off' else 1.0
+            return self.eval_scale(index)
         if not self.is_active:
             return 1.0
         if self.mode == 'sample' and torch.compiler.is_compiling():
@@ -164,6 +187,8 @@ class StochasticDepth:
         probs = torch.tensor(self.survival, dtype=torch.float64)
         inverse = self.scaling == 'train'
         if self.mode == 'block':
+            if self.agree_across_ranks and not self._ranks_agree:
+                self._agree_across_ranks(x.device)
             keep = (torch.rand(self.num_blocks, generator=self.generator, dtype=torch.float64) < probs).tolist()
             self.last_active = keep
             self._scales = [(1.0 / p if inverse else 1.0) if k else 0.0 for k, p in zip(keep, self.survival)]
@@ -175,6 +200,16 @@ class StochasticDepth:
         self.last_active = keep.any(dim=1).tolist()
         self._scales = list(masks.unbind(0))
 
+    @torch.compiler.disable
+    def _agree_across_ranks(self, device: torch.device) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return  # no group yet: agree at the first draw after one exists
+        if dist.get_world_size() > 1:
+            state = self.generator.get_state().to(device)
+            dist.broadcast(state, src=0)
+            self.generator.set_state(state.cpu())
+        self._ranks_agree = True
+
     def _traced_sample_mask(self, index: int, x: torch.Tensor) -> torch.Tensor:
         # torch.compile cannot trace a torch.Generator: inside a compiled graph the per-sample masks come
         # from torch's own (device) RNG, which keeps sample mode a single graph.
@@ -185,6 +220,32 @@ class StochasticDepth:
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(num_blocks={self.num_blocks}, mode={self.mode!r}, '
                 f'scaling={self.scaling!r}, expected_depth={self.expected_depth:.2f})')
+
+
+class _ZeroGradsFor(torch.autograd.Function):
+    """Identity on ``x`` whose backward also gives each of ``params`` a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.params = params
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad, *(torch.zeros_like(p) for p in ctx.params))
+
+
+def zero_grads_for(x: torch.Tensor, params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """``x``, tied into autograd with ``params`` so that backward gives each of them an exact zero gradient.
+
+    Costs no pass over ``x`` (the result is a view of it, and must not be modified in place) and one zero
+    tensor per parameter in backward: a dropped block's parameters then take part in every step, as plain
+    DistributedDataParallel requires, without their branch being computed.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params or not torch.is_grad_enabled():
+        return x
+    return _ZeroGradsFor.apply(x, *params)
 
 
 def fold_test_scaling(model: nn.Module) -> nn.Module:

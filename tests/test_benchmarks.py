@@ -170,3 +170,12 @@ def test_sample_mode_compiles_to_one_graph(tmp_path: Path) -> None:
     payload = compile_bench.main(['--quick', '--no-timing', '--keep-denormals', '--out', str(tmp_path)])
     assert payload['graphs']['sample'] == {'graphs': 1, 'graph_breaks': 0, 'break_reasons': []}
     assert payload['graphs']['block']['graph_breaks'] > 0
+
+
+def test_dropped_grad_compares_the_same_draws(tmp_path: Path) -> None:
+    from benchmarks import dropped_grad
+    payload = dropped_grad.main(['--quick', '--reps', '2', '--batch', '4', '--keep-denormals', '--out', str(tmp_path)])
+    assert payload['same_draws_in_every_variant'] and set(payload['variants']) == set(dropped_grad.GRADS)
+    assert payload['variants'][dropped_grad.BASELINE]['cpu_ratio'] == pytest.approx(1.0)
+    assert payload['within_limit'] == (payload['variants'][dropped_grad.ZERO]['cpu_ratio'] <= 1.02)
+    assert 'python -m benchmarks.dropped_grad' in (tmp_path / 'dropped_grad_cpu.md').read_text()

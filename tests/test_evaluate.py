@@ -213,3 +213,15 @@ def test_module_form_runs():
     proc = subprocess.run([sys.executable, '-m', 'sd_zoo.evaluate', '--help'], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and '--depth-samples' in proc.stdout and 'sd-zoo-eval' in proc.stdout
+
+
+@needs_fashion
+@pytest.mark.slow
+@pytest.mark.parametrize('export, error', [('export', 20.25), ('export_constant_depth', 16.84)])
+def test_resnet110_exports_reproduce_their_cards(tmp_path, export, error):
+    """Both arms of the pre-registered ResNet-110 experiment, evaluated from their committed exports."""
+    folder = ROOT / 'results' / 'fashion_mnist_resnet110' / export
+    code, out = run_eval(tmp_path, str(folder), '--dataset', 'fashion_mnist')
+    assert code == 0 and out['passed'] is True and out['images'] == 10000
+    (row,) = out['card_comparison']
+    assert row['value'] == error and abs(out['error'] - error) < 1e-9

@@ -81,9 +81,10 @@ def test_training_step_in_each_mode(name, mode):
     assert model.fc.weight.grad is not None
 
 
-def test_block_mode_never_runs_dropped_branches():
+@pytest.mark.parametrize('dropped_grad', ['zero', 'none'])
+def test_block_mode_never_runs_dropped_branches(dropped_grad):
     torch.manual_seed(0)
-    model = timm.create_model('sd_resnet56_cifar', drop_path_rate=0.8).train()
+    model = timm.create_model('sd_resnet56_cifar', drop_path_rate=0.8, drop_path_grad=dropped_grad).train()
     calls = count_conv_calls(model)
     blocks = dict((id(b), b) for b in model.sd_blocks())
     block_of_conv = {}
@@ -97,7 +98,10 @@ def test_block_mode_never_runs_dropped_branches():
         expected = 1 if active[index] else 0
         assert calls[conv_name] == [expected, expected], (conv_name, active[index])
     for block, kept in zip(model.sd_blocks(), active):
-        assert (block.conv1.weight.grad is not None) == kept
+        if dropped_grad == 'none':
+            assert (block.conv1.weight.grad is not None) == kept
+        elif not kept:  # a zero gradient, made without running the branch backward (the calls above)
+            assert all(not p.grad.any() for p in block.parameters())
     assert calls['conv1'] == [1, 1]
 
 

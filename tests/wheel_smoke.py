@@ -80,7 +80,8 @@ def weights_table() -> None:
     assert pretrained.names() == [w.name for w in weights] and FMNIST in pretrained.names()
     fmnist = pretrained.find_weight(FMNIST)
     assert isinstance(fmnist.results[0], pretrained.Result) and isinstance(fmnist.comparison[0], pretrained.RunResult)
-    cfgs = pretrained.with_published_weights({'sd_resnet20_cifar': {'num_classes': 10}, 'sd_resnet152': {}})
+    cfgs = pretrained.with_published_weights(
+        {'sd_resnet20_cifar': {'num_classes': 10}, 'sd_resnet110_cifar': {}, 'sd_resnet152': {}})
     assert cfgs[FMNIST]['hf_hub_id'] == fmnist.hf_hub_id and cfgs['sd_resnet20_cifar.*'] == {'num_classes': 10}
     assert 'sd_resnet152' not in cfgs and cfgs['sd_resnet152.a1h_in1k']['hf_hub_id'] == 'timm/resnet152.a1h_in1k'
     extra = pretrained.PublishedWeight(

@@ -62,6 +62,11 @@ def fashion_mnist_table(results_dir: Path = ROOT / 'results' / 'fashion_mnist') 
     return '\n'.join(rows)
 
 
+def resnet110_summary(path: Path = ROOT / 'results' / 'fashion_mnist_resnet110' / 'SUMMARY.md') -> str:
+    """The pre-registered ResNet-110 experiment: its table and verdict, rendered by the experiment's report.py."""
+    return path.read_text().strip() if path.exists() else '_The ResNet-110 runs are not committed yet._'
+
+
 def paper_table() -> str:
     """The command for every row of the paper's results, beside the paper's numbers (training/recipes.py)."""
     sys.path.insert(0, str(ROOT))
@@ -80,6 +85,7 @@ BLOCKS: Dict[str, Callable[[], str]] = {
     'models': model_table,
     'weights': weights_table,
     'fashion_mnist': fashion_mnist_table,
+    'resnet110': resnet110_summary,
     'paper': paper_table,
     'benchmarks': benchmark_table,
 }

@@ -109,7 +109,8 @@ def _create_model(cfg: TrainConfig, bundle: DatasetBundle) -> Tuple[nn.Module, O
         return timm.create_model(
             cfg.model, num_classes=cfg.num_classes or bundle.num_classes, in_chans=cfg.in_chans or bundle.in_chans,
             drop_path_rate=cfg.drop_path_rate, drop_path_schedule=cfg.drop_path_schedule,
-            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling, **extra), None
+            drop_path_mode=cfg.drop_path_mode, drop_path_scaling=cfg.drop_path_scaling,
+            drop_path_grad='zero' if cfg.decay_dropped else 'none', **extra), None
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise ConfigError(f'--model={cfg.model!r} is not a registered model: use an sd_ model, e.g. '
@@ -130,7 +131,7 @@ def _create_pretrained_model(cfg: TrainConfig, bundle: DatasetBundle) -> Tuple[n
             cfg.pretrained, cfg.model or None, num_classes=cfg.num_classes or bundle.num_classes,
             in_chans=cfg.in_chans or bundle.in_chans, drop_path_rate=cfg.drop_path_rate,
             drop_path_schedule=cfg.drop_path_schedule, drop_path_mode=cfg.drop_path_mode,
-            drop_path_scaling=cfg.drop_path_scaling, **extra)
+            drop_path_scaling=cfg.drop_path_scaling, drop_path_grad='zero' if cfg.decay_dropped else 'none', **extra)
     except PretrainedWeightsError as e:
         raise ConfigError(f'--pretrained={cfg.pretrained!r}: {e}') from e
     except ValueError as e:
@@ -164,8 +165,9 @@ def _make_accelerator(cfg: TrainConfig, model: nn.Module):
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     sd = model.stochastic_depth
     handlers = []
-    if sd.is_active and sd.mode == 'block':
-        # dropped branches leave parameters without gradient: DDP must look for them each step
+    if sd.is_active and sd.mode == 'block' and sd.dropped_grad == 'none':
+        # --no-decay-dropped: dropped branches leave parameters without gradient, DDP must look for them each
+        # step (by default they get a zero gradient, so every parameter takes part and plain DDP suffices)
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
@@ -213,18 +215,6 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     # the paper decays every parameter, BatchNorm included (fb.resnet.torch)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            dampening=0.0, weight_decay=cfg.weight_decay)
-
-
-def _fill_missing_grads(model: nn.Module) -> None:
-    """Give each parameter without a gradient (a dropped block's) a fresh zero one before the optimizer step,
-    so that it still gets weight decay and momentum, as in the authors' code.
-
-    Filled after backward (and after DDP's all-reduce) and dropped again by ``zero_grad(set_to_none=True)``,
-    so DDP never meets a gradient it did not produce.
-    """
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -513,8 +503,6 @@ def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Opt
                     f'stopped without saving. Last good checkpoint: {ctx.checkpointer.last_path or "none"}. '
                     f'Resume from it with a lower --lr, or without --mixed-precision fp16.')
             if acc.sync_gradients:
-                if cfg.decay_dropped:
-                    _fill_missing_grads(model)
                 scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
                 _add(sums, first_conv_grad=grad_mean / scale, grad_steps=1)
             ctx.optimizer.step()
