@@ -60,6 +60,11 @@ def rule() -> None:
     for module in (sd_zoo, stochastic_depth):
         use(module, 'survival_probabilities', 'StochasticDepth', 'fold_test_scaling')
     use(stochastic_depth, 'track_scaling')
+    w = torch.nn.Parameter(torch.ones(3))
+    x = torch.ones(2, requires_grad=True)
+    stochastic_depth.zero_grads_for(x, [w]).sum().backward()
+    assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(x.grad, torch.ones(2))  # zero, not None
+    use(stochastic_depth, 'zero_grads_for')
 
 
 def models() -> None:
@@ -109,8 +114,11 @@ def card_functions(results: dict, baseline: dict) -> None:
     assert [r.value for r in cards.run_figures(weight, results)] == [8.73, 8.1]
     assert '--drop-path-rate 0.5' in cards.run_command(results) and 'lr: 0.1' in cards.recipe_from_run(results)
     assert cards.run_result('b', baseline).test_error == 9.12
+    assert cards.started_from(results) == []  # trained from scratch
+    start = {'tag': 'sd_resnet20_cifar.fashion_mnist', 'hub_id': 'sd-zoo/x', 'changes': ['new head: 2 classes']}
+    assert cards.started_from({'run': {'pretrained': start}})[1:] == ['new head: 2 classes']
     use(cards, 'render_card', 'card_filename', 'readme_table', 'comparison_table', 'model_stats', 'run_figures',
-        'run_command', 'recipe_from_run', 'run_result', 'read_results')
+        'run_command', 'recipe_from_run', 'run_result', 'read_results', 'started_from')
 
 
 def loading_and_export() -> None:
