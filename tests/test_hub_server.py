@@ -97,3 +97,13 @@ def test_add_repo_rejects_bad_ids(tmp_path):
         server.add_repo('no-org', {'a.txt': b'x'})
     with pytest.raises(HubServerError, match='no files'):
         server.add_repo('org/empty', {})
+
+
+def test_a_relative_root_works_from_the_server_cwd(tmp_path, monkeypatch):
+    """`make demo` passes runs/demo/hub: olah runs with its cwd in the root, so every path must be absolute."""
+    monkeypatch.chdir(tmp_path)
+    server = LocalHubServer('runs/demo/hub')
+    assert server.root == tmp_path / 'runs' / 'demo' / 'hub'
+    server.root.mkdir(parents=True)
+    config = server._write_config()
+    assert config.is_absolute() and f'repos-path = "{tmp_path}' in config.read_text()

@@ -64,7 +64,7 @@ class LocalHubServer:
     """An olah process serving the repositories added with :meth:`add_repo` at :attr:`endpoint`."""
 
     def __init__(self, root: Union[str, Path], port: Optional[int] = None, start_timeout: float = 60.0):
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # olah runs with its cwd there: every path it is given is absolute
         self.mirrors, self.cache = self.root / 'mirrors', self.root / 'olah_cache'
         self.port = port or _free_port()
         self.endpoint = f'http://127.0.0.1:{self.port}'
