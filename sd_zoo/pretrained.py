@@ -211,6 +211,19 @@ _R110_NOTES = (
     '28 x 28 single-channel images fed as they are (in_chans=1, no resizing); ask for this tag explicitly (the '
     'plain name `sd_resnet110_cifar` keeps its untrained CIFAR defaults).',
 )
+
+
+def _r110_recipe(rate: float) -> Tuple[str, ...]:
+    """The recipe lines of both ResNet-110 arms (as tools/cards.py derives them from results.json)."""
+    return ('preset: "fashion_mnist_resnet110"', 'dataset: "fashion_mnist"', 'model: "sd_resnet110_cifar"',
+            'epochs: 24', 'batch_size: 128', 'lr: 0.02', 'momentum: 0.9', 'nesterov: true', 'weight_decay: 0.0001',
+            'milestones: [12, 18]', 'lr_gamma: 0.1', 'warmup_epochs: 2', 'augment: false',
+            'val_size: 2000', 'split_seed: 0', 'seed: 0', f'drop_path_rate: {rate}', 'drop_path_schedule: "linear"',
+            'drop_path_mode: "block"', 'drop_path_scaling: "train"', 'mixed_precision: "no"',
+            'data: {"split_seed": 0, "test_size": 10000, "train_fingerprint": "633b57da38d75b79", '
+            '"train_per_class": 500, "train_size": 5000, "val_fingerprint": "daa7fd65787a476e", "val_size": 2000}')
+
+
 _FMNIST_RUN = 'results/fashion_mnist/sd_resnet20_stochastic'
 _FMNIST_BASELINE = 'results/fashion_mnist/sd_resnet20_constant'
 
@@ -297,13 +310,7 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
         dataset='Fashion-MNIST',
         dataset_id='fashion_mnist',
         data_cfg=dict(_R110_DATA),
-        recipe=('preset: "fashion_mnist_resnet110"', 'dataset: "fashion_mnist"', 'model: "sd_resnet110_cifar"',
-                'epochs: 24', 'batch_size: 128', 'lr: 0.02', 'momentum: 0.9', 'nesterov: true', 'weight_decay: 0.0001',
-                'milestones: [12, 18]', 'lr_gamma: 0.1', 'warmup_epochs: 2', 'augment: false',
-                'val_size: 2000', 'split_seed: 0', 'seed: 0', 'drop_path_rate: 0.5', 'drop_path_schedule: "linear"',
-                'drop_path_mode: "block"', 'drop_path_scaling: "train"', 'mixed_precision: "no"',
-                'data: {"split_seed": 0, "test_size": 10000, "train_fingerprint": "633b57da38d75b79", '
-                '"train_per_class": 500, "train_size": 5000, "val_fingerprint": "daa7fd65787a476e", "val_size": 2000}'),
+        recipe=_r110_recipe(0.5),
         train_command=('python training/cifar.py --preset fashion_mnist_resnet110 --threads 1 --no-progress '
                        '--drop-path-rate 0.5 --output-dir <RUNS>/r110_sd_seed0'),
         stochastic_depth=("sd_zoo's block mode (one gate per block per mini-batch, dropped branches skipped, as "
@@ -326,13 +333,7 @@ PUBLISHED: Tuple[PublishedWeight, ...] = (
         dataset='Fashion-MNIST',
         dataset_id='fashion_mnist',
         data_cfg=dict(_R110_DATA),
-        recipe=('preset: "fashion_mnist_resnet110"', 'dataset: "fashion_mnist"', 'model: "sd_resnet110_cifar"',
-                'epochs: 24', 'batch_size: 128', 'lr: 0.02', 'momentum: 0.9', 'nesterov: true', 'weight_decay: 0.0001',
-                'milestones: [12, 18]', 'lr_gamma: 0.1', 'warmup_epochs: 2', 'augment: false',
-                'val_size: 2000', 'split_seed: 0', 'seed: 0', 'drop_path_rate: 0.0', 'drop_path_schedule: "linear"',
-                'drop_path_mode: "block"', 'drop_path_scaling: "train"', 'mixed_precision: "no"',
-                'data: {"split_seed": 0, "test_size": 10000, "train_fingerprint": "633b57da38d75b79", '
-                '"train_per_class": 500, "train_size": 5000, "val_fingerprint": "daa7fd65787a476e", "val_size": 2000}'),
+        recipe=_r110_recipe(0.0),
         train_command=('python training/cifar.py --preset fashion_mnist_resnet110 --threads 1 --no-progress '
                        '--drop-path-rate 0 --output-dir <RUNS>/r110_const_seed0'),
         stochastic_depth=('none: the constant-depth twin of `sd_resnet110_cifar.fashion_mnist` '

@@ -31,7 +31,6 @@ if __package__ in (None, ''):  # run as a file: make the repository importable
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -119,7 +118,8 @@ def zoo_weights(hub: LocalHubServer, cache: Path, data_dir: Optional[str], limit
 
 def interleaved_ratio(reps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
     """Training-step CPU time of stochastic over constant depth, timed round-robin; 95% bootstrap interval."""
-    from benchmarks.common import alternate, median, sgd
+    from benchmarks.common import TrainStep, alternate, median
+    from benchmarks.train_step import percentile
     torch.manual_seed(seed)
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -127,7 +127,7 @@ def interleaved_ratio(reps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
     for name, rate in (('stochastic', 0.5), ('constant', 0.0)):
         model = timm.create_model('sd_resnet110_cifar', in_chans=1, num_classes=10, drop_path_rate=rate)
         model = model.to(memory_format=torch.channels_last).train()
-        steps[name] = _train_step(model, sgd(model), x, y)
+        steps[name] = TrainStep(model, x, y, torch.device('cpu'), bf16=False)
     cpu = alternate(steps, reps=reps, warmup=1)['cpu']
     ratio = median(cpu['stochastic']) / median(cpu['constant'])
     rng = random.Random(seed)
@@ -135,21 +135,12 @@ def interleaved_ratio(reps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
     for _ in range(2000):  # resample rounds: a round times both variants side by side
         idx = [rng.randrange(reps) for _ in range(reps)]
         boot.append(median([cpu['stochastic'][i] for i in idx]) / median([cpu['constant'][i] for i in idx]))
-    boot.sort()
-    interval = [boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]]
+    interval = [percentile(boot, 2.5), percentile(boot, 97.5)]
     print(f'[2/3] training step of sd_resnet110_cifar (batch {batch}, 28 x 28, {torch.get_num_threads()} threads), '
           f'{reps} interleaved rounds: stochastic / constant depth CPU time = {ratio:.3f} '
           f'(95% interval {interval[0]:.3f}-{interval[1]:.3f}); the paper\'s expected depth bounds the block '
           f'compute at {40.25 / 54:.3f}')
     return dict(ratio=ratio, interval=interval, reps=reps, batch=batch)
-
-
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return step
 
 
 # --------------------------------------------------------------------------------------------- 3. the loop
