@@ -190,8 +190,8 @@ _RSB_RATE_UNKNOWN = (
 
 _R110_SD = 'results/fashion_mnist_resnet110/stochastic'
 _R110_CONST = 'results/fashion_mnist_resnet110/constant'
-_R110_DATA = {'num_classes': 10, 'input_size': (1, 28, 28), 'crop_pct': 1.0, 'interpolation': 'bilinear',
-              'mean': (0.286,), 'std': (0.353,)}
+_R110_DATA = {'num_classes': 10, 'input_size': (1, 28, 28), 'pool_size': (7, 7), 'crop_pct': 1.0,
+              'interpolation': 'bilinear', 'mean': (0.286,), 'std': (0.353,)}
 _R110_COMPARISON = (
     RunResult(_R110_SD, drop_path_rate=0.5, test_error=20.25, best_epoch=23, wall_time_s=4272.5300016589945),
     RunResult(_R110_CONST, drop_path_rate=0.0, test_error=16.84, best_epoch=24, wall_time_s=4757.753114360998))
