@@ -1,6 +1,10 @@
 """Named errors instead of tracebacks: each bad input of issue 12 point 8 ends in one line that names the file,
 flag or value and says what to do, before any training step."""
+import multiprocessing
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +76,8 @@ def test_corrupt_image_in_an_image_folder_is_named(tmp_path, train_data_writers,
                        '--workers', str(workers)])
     text = last_line(exc)
     assert text.startswith('error: ') and f'{bad}: unreadable image' in text and 'remove or replace' in text
+    # the workers (which ignore SIGTERM) are shut down with the error, not left to block the exit for ever
+    assert not multiprocessing.active_children(), multiprocessing.active_children()
 
 
 def test_one_class_image_folder_is_refused(tmp_path, train_data_writers):
@@ -98,3 +104,18 @@ def test_string_drop_path_rate_and_bad_seed_are_named(tmp_path):
         timm.create_model('sd_resnet20_cifar', drop_path_rate='0.5')
     with pytest.raises(ValueError, match=r"drop_path_seed='7' must be an integer"):
         timm.create_model('sd_resnet20_cifar', drop_path_seed='7')
+
+
+def test_cli_with_workers_exits_after_an_error_in_a_worker(tmp_path, train_data_writers):
+    """The command, not only the function: an error raised in a DataLoader worker ends the process (status 1)
+    instead of leaving it waiting at exit for workers that ignore SIGTERM (a CI job once hung there)."""
+    root = train_data_writers.image_folder(tmp_path / 'inet', per_class=2)
+    bad = root / 'train' / 'n01443537' / 'n01443537_0.JPEG'
+    bad.write_bytes(bad.read_bytes()[:40])
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(repo / 'training' / 'imagenet.py'), '--data-dir', str(root), '--model',
+           'sd_resnet20_cifar', '--batch-size', '4', '--eval-batch-size', '4', '--output-dir', str(tmp_path / 'o'),
+           *QUICK[:-2], '--workers', '2']
+    env = {**os.environ, 'PYTHONPATH': str(repo)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 1 and f"{bad}: unreadable image" in proc.stderr, proc.stderr[-2000:]

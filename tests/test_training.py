@@ -357,3 +357,26 @@ def test_paper_command_finishes_on_stand_in_data(tmp_path, train_data_writers, p
     assert res['status'] == 'completed' and res['epochs_completed'] == 1
     assert res['settings']['preset'] == paper_run['preset'] and res['best_epoch'] == 1
     assert (tmp_path / 'out' / 'best_model' / 'model.safetensors').is_file()
+
+
+@pytest.mark.parametrize('where', ['loop_body', 'early_stop'])
+def test_batches_shuts_its_workers_down_however_the_loop_ends(where):
+    """Workers ignore SIGTERM (a scheduler's signal to the process group is for the main process), so they
+    must be shut down when iteration ends: an error in the loop body, or leaving the loop early."""
+    import contextlib
+    import multiprocessing
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from training.engine import _batches, _ignore_stop_signals
+    loader = DataLoader(TensorDataset(torch.arange(64.0)), batch_size=4, num_workers=2,
+                        worker_init_fn=_ignore_stop_signals)
+    with contextlib.suppress(ZeroDivisionError):
+        with contextlib.closing(_batches(loader)) as batches:
+            for i, _ in enumerate(batches):
+                assert multiprocessing.active_children()
+                if i == 2:
+                    if where == 'loop_body':
+                        raise ZeroDivisionError
+                    break
+    assert not multiprocessing.active_children(), multiprocessing.active_children()

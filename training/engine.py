@@ -11,6 +11,8 @@ block mode can skip branches. The learning-rate schedule is per epoch and steppe
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -21,6 +23,7 @@ import os
 import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
@@ -189,17 +192,41 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 def _batches(loader):
     """Iterate ``loader`` with SIGINT/SIGTERM blocked while it fetches, so that workers it starts inherit the
-    block until they ignore both; the main process gets a signal that arrived meanwhile right after."""
+    block until they ignore both; the main process gets a signal that arrived meanwhile right after.
+
+    Use it as ``with contextlib.closing(_batches(loader)) as batches``: the workers ignore SIGTERM, so the
+    ``terminate()`` with which Python's exit stops leftover worker processes cannot end them, and exit would
+    wait for them forever. They must be shut down when the iteration ends, whichever way it ends: closing
+    this generator closes the loader's iterator; an error raised by the loader (a worker's exception, say)
+    has the loader's frames, which hold its iterator, cleared from its traceback (the lines stay)."""
     it = iter(loader)
-    while True:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        yield batch
+    try:
+        while True:
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except BaseException as e:
+                traceback.clear_frames(e.__traceback__)
+                raise
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            yield batch
+    finally:
+        if hasattr(it, 'close'):  # accelerate's loaders iterate with a generator; torch's iterator has none
+            it.close()
+        del it  # the last reference: torch's iterator shuts its workers down when it is collected
+
+
+def _collect_leftover_loaders() -> None:
+    """At exit, before multiprocessing joins its children: collect iterators that only a reference cycle
+    keeps alive, so that they shut their (SIGTERM-ignoring) workers down instead of blocking the exit."""
+    import gc
+    gc.collect()
+
+
+atexit.register(_collect_leftover_loaders)  # atexit runs last-registered first: before multiprocessing's
 
 
 def _make_loaders(cfg: TrainConfig, bundle: DatasetBundle, per_device: int, pin: bool):
@@ -452,13 +479,14 @@ def _evaluate(ctx, loader) -> float:
     """Top-1 error of the full network (all blocks, eval scaling) over ``loader``, gathered over ranks."""
     ctx.model.eval()
     wrong, total = 0, 0
-    for x, y in _batches(loader):
-        if ctx.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        pred = ctx.model(x).argmax(dim=1)
-        pred, y = ctx.acc.gather_for_metrics((pred, y))
-        wrong += int((pred != y).sum())
-        total += y.numel()
+    with contextlib.closing(_batches(loader)) as batches:
+        for x, y in batches:
+            if ctx.cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pred = ctx.model(x).argmax(dim=1)
+            pred, y = ctx.acc.gather_for_metrics((pred, y))
+            wrong += int((pred != y).sum())
+            total += y.numel()
     ctx.model.train()
     return wrong / max(total, 1)
 
@@ -488,42 +516,43 @@ def _train_epoch(ctx, state: TrainState, epoch: int, stop: _StopOnSignal) -> Opt
                disable=not (cfg.progress and acc.is_local_main_process), leave=False)
     model.train()
     start = time.perf_counter()
-    for x, y in _batches(loader):
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with acc.accumulate(model):
-            loss = F.cross_entropy(model(x), y)
-            active = sum(sd.last_active) if sd.is_active and sd.last_active is not None else sd.num_blocks
-            acc.backward(loss)
-            grad = acc.unwrap_model(model).conv1.weight.grad if acc.sync_gradients else None
-            loss_value, grad_mean = _step_stats(ctx, loss, stop, grad)
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f'training loss became {loss_value} at epoch {epoch + 1}, optimizer step {state.global_step + 1}; '
-                    f'stopped without saving. Last good checkpoint: {ctx.checkpointer.last_path or "none"}. '
-                    f'Resume from it with a lower --lr, or without --mixed-precision fp16.')
+    with contextlib.closing(_batches(loader)) as batches:
+        for x, y in batches:
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with acc.accumulate(model):
+                loss = F.cross_entropy(model(x), y)
+                active = sum(sd.last_active) if sd.is_active and sd.last_active is not None else sd.num_blocks
+                acc.backward(loss)
+                grad = acc.unwrap_model(model).conv1.weight.grad if acc.sync_gradients else None
+                loss_value, grad_mean = _step_stats(ctx, loss, stop, grad)
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f'training loss became {loss_value} at epoch {epoch + 1}, optimizer step {state.global_step + 1}; '
+                        f'stopped without saving. Last good checkpoint: {ctx.checkpointer.last_path or "none"}. '
+                        f'Resume from it with a lower --lr, or without --mixed-precision fp16.')
+                if acc.sync_gradients:
+                    scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+                    _add(sums, first_conv_grad=grad_mean / scale, grad_steps=1)
+                ctx.optimizer.step()
+                ctx.optimizer.zero_grad(set_to_none=True)
+            state.batches_done += 1
+            _add(sums, loss=loss_value * len(y), seen=len(y), depth=active, forwards=1,
+                 images=len(y) * acc.num_processes)
+            bar.update(1)
             if acc.sync_gradients:
-                scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
-                _add(sums, first_conv_grad=grad_mean / scale, grad_steps=1)
-            ctx.optimizer.step()
-            ctx.optimizer.zero_grad(set_to_none=True)
-        state.batches_done += 1
-        _add(sums, loss=loss_value * len(y), seen=len(y), depth=active, forwards=1,
-             images=len(y) * acc.num_processes)
-        bar.update(1)
-        if acc.sync_gradients:
-            state.global_step += 1
-            bar.set_postfix(loss=f'{loss_value:.3f}', lr=f'{ctx.optimizer.param_groups[0]["lr"]:.3g}')
-            reason = ctx.stop_reason or ('max_steps' if cfg.max_steps and state.global_step >= cfg.max_steps else None)
-            at_end = state.batches_done >= len(ctx.train_loader)
-            if reason and not at_end:
-                _add(sums, time=time.perf_counter() - start)
-                bar.close()
-                return reason
-            if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not at_end:
-                _add(sums, time=time.perf_counter() - start)
-                ctx.checkpointer.save(state, cfg)
-                start = time.perf_counter()
+                state.global_step += 1
+                bar.set_postfix(loss=f'{loss_value:.3f}', lr=f'{ctx.optimizer.param_groups[0]["lr"]:.3g}')
+                reason = ctx.stop_reason or ('max_steps' if cfg.max_steps and state.global_step >= cfg.max_steps else None)
+                at_end = state.batches_done >= len(ctx.train_loader)
+                if reason and not at_end:
+                    _add(sums, time=time.perf_counter() - start)
+                    bar.close()
+                    return reason
+                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0 and not at_end:
+                    _add(sums, time=time.perf_counter() - start)
+                    ctx.checkpointer.save(state, cfg)
+                    start = time.perf_counter()
     _add(sums, time=time.perf_counter() - start)
     bar.close()
     return None
