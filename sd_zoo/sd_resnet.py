@@ -22,6 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.resnet import drop_blocks
 from torch import nn
+from torch._dynamo import maybe_mark_dynamic
 from torch.utils.checkpoint import checkpoint
 
 from .load_errors import explain_load_errors
@@ -56,6 +57,77 @@ def gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
 torch.fx.wrap('gated_forward')
 
 
+# torch.compile of a model in block mode. The gates are drawn in Python and decide which code runs; traced, each
+# draw, block index and scale would be a guard and a recompile. So the blocks run behind a graph break: the stem
+# and the head are compiled, and the blocks run in one of two ways (``StochasticDepth.compile_blocks``):
+#
+# * 'eager' (default): the blocks run as in eager mode. Measured on CPU (benchmarks/README.md), inductor's code
+#   for a block is slower than eager's oneDNN kernels, and this path is the fastest compiled one there.
+# * 'regions': each kept block's :meth:`_SDBlock.kept` is compiled as a region that every block of the same
+#   shape reuses (its scale is a 0-d tensor and it reads no block index, so no draw, block or scale value makes
+#   it recompile); one compiled variant per block shape.
+#
+# Either way a dropped block runs :meth:`_SDBlock.skip` eagerly and its branch not at all.
+
+
+def compiled_gated_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
+    """The training forward of ``model``'s blocks under ``torch.compile``: one graph break for all of them."""
+    if model.stochastic_depth.compile_blocks == 'regions':
+        return _regional_blocks(model, x)
+    return _eager_blocks(model, x)
+
+
+@torch.compiler.disable
+def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
+    for block in model.sd_blocks():
+        x = gated_forward(block, x)
+    return x
+
+
+@torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept) are compiled
+def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
+    for block in model.sd_blocks():
+        x = _regional_forward(block, x)
+    return x
+
+
+@torch.compiler.disable(recursive=False)
+def _regional_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
+    scale = _eager_gate(block, x)
+    if _is_dropped(scale):
+        return _eager_skip(block, x)
+    maybe_mark_dynamic(x, 0)  # the last, smaller batch of an epoch reuses the regions
+    if block.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block.kept, x, scale, use_reentrant=False)
+    return block.kept(x, scale)
+
+
+def compiled_gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
+    """One block's training forward under ``torch.compile`` (callers that run blocks one by one: timm's
+    ``features_only`` models, ``forward_intermediates``), in the model's ``compile_blocks`` way."""
+    if block.stochastic_depth.compile_blocks == 'regions':
+        return _regional_forward(block, x)
+    return _eager_block(block, x)
+
+
+@torch.compiler.disable
+def _eager_block(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
+    return gated_forward(block, x)
+
+
+@torch.compiler.disable
+def _eager_gate(block: '_SDBlock', x: torch.Tensor) -> Union[float, torch.Tensor]:
+    """0.0 for a dropped block, else its survivor scale as a 0-d tensor (not specialized on when compiled)."""
+    sd = block.stochastic_depth
+    scale = sd.gate(block.sd_index, x, True)
+    return scale if _is_dropped(scale) else sd.scale_tensor(block.sd_index, x)
+
+
+@torch.compiler.disable
+def _eager_skip(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
+    return block.skip(x)
+
+
 class _SDBlock(nn.Module):
     """Gate handling shared by both block types: ``act(shortcut(x) + scale * branch(x))``."""
 
@@ -72,6 +144,8 @@ class _SDBlock(nn.Module):
         if torch.jit.is_scripting():
             return self._forward_scripted(x)
         if self.training and self.stochastic_depth.is_active:
+            if self.stochastic_depth.mode == 'block' and torch.compiler.is_compiling():
+                return compiled_gated_forward(self, x)
             return gated_forward(self, x)
         return self.combine(x, self.stochastic_depth.gate(self.sd_index, x, self.training))
 
@@ -84,6 +158,11 @@ class _SDBlock(nn.Module):
         # a float scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place
         # add, as in timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no
         # extra pass over the activations for the scale, neither forward nor backward
+        return self.act_out(self.branch(x, scale).add_(shortcut))
+
+    def kept(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """A kept block with its survivor scale as a 0-d tensor: the region that ``torch.compile`` compiles."""
+        shortcut = x if self.downsample is None else self.downsample(x)
         return self.act_out(self.branch(x, scale).add_(shortcut))
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,9 +207,10 @@ def scaled_norm(norm: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * norm(x)``; for an affine ``nn.BatchNorm2d`` the scale goes into its weight and bias instead.
 
     The batch statistics, the running-statistics update and the gradients are those of ``norm(x)``; only
-    the affine parameters used in this call are ``scale * weight`` and ``scale * bias`` (C numbers).
+    the affine parameters used in this call are ``scale * weight`` and ``scale * bias`` (C numbers). ``scale``
+    may be a 0-d tensor (compiled block mode: a tensor is not specialized on).
     """
-    if scale == 1.0:
+    if not isinstance(scale, torch.Tensor) and scale == 1.0:
         return norm(x)
     if type(norm) is not nn.BatchNorm2d or not norm.affine:
         return norm(x) * scale
@@ -467,6 +547,9 @@ class SDResNet(nn.Module):
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if torch.jit.is_scripting():
             return self._stages_scripted(x)
+        sd = self.stochastic_depth
+        if self.training and sd.is_active and sd.mode == 'block' and torch.compiler.is_compiling():
+            return compiled_gated_blocks(self, x)  # one graph break for all blocks
         for name in self.stage_names:
             x = getattr(self, name)(x)
         return x

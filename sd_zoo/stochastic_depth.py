@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = [
-    'MODES', 'SCALINGS', 'SCHEDULES', 'Schedule', 'GateScale', 'StochasticDepth',
+    'MODES', 'SCALINGS', 'SCHEDULES', 'COMPILE_BLOCKS', 'Schedule', 'GateScale', 'StochasticDepth',
     'survival_probabilities', 'fold_test_scaling', 'zero_grads_for', 'track_scaling', 'SCALING_KEY',
 ]
 
@@ -35,6 +35,7 @@ MODES = ('block', 'sample', 'off')
 SCALINGS = ('train', 'test')
 SCHEDULES = ('linear', 'uniform')
 DROPPED_GRADS = ('zero', 'none')
+COMPILE_BLOCKS = ('eager', 'regions')
 
 Schedule = Union[str, Sequence[float]]
 GateScale = Union[float, torch.Tensor]
@@ -133,7 +134,24 @@ class StochasticDepth:
         self.manual_seed(int(torch.randint(2 ** 62, (1,), device='cpu').item()) if seed is None else seed)
         self.last_active: Optional[List[bool]] = None
         self._scales: List[GateScale] = []
+        self._scale_tensors: Dict[Any, List[torch.Tensor]] = {}
+        self.compile_blocks = 'eager'
         self._cursor = num_blocks
+
+    @property
+    def compile_blocks(self) -> str:
+        """How the blocks run under ``torch.compile`` in block mode: ``'eager'`` (default) or ``'regions'``.
+
+        Either way the gates stay in Python behind one graph break, so no draw, block index or scale value makes
+        dynamo recompile, and a dropped block's branch is not run; ``'eager'`` runs the gated blocks eagerly
+        (the stem and head are compiled), ``'regions'`` compiles each kept block as a region shared by all blocks
+        of its shape. Which is faster depends on the device: see the README's recommendation per situation.
+        """
+        return self._compile_blocks
+
+    @compile_blocks.setter
+    def compile_blocks(self, value: str) -> None:
+        self._compile_blocks = _check_choice('compile_blocks', value, COMPILE_BLOCKS)
 
     @property
     def num_blocks(self) -> int:
@@ -182,6 +200,16 @@ class StochasticDepth:
             self._draw(x)
         self._cursor = index
         return self._scales[index]
+
+    def scale_tensor(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``index``'s survivor scale (1/p_l in train scaling, else 1) as a 0-d tensor like ``x``, made
+        once per device and dtype: what a compiled region takes instead of a float it would specialize on."""
+        key = (x.device, x.dtype)
+        if key not in self._scale_tensors:
+            inverse = self.scaling == 'train'
+            self._scale_tensors[key] = [torch.tensor(1.0 / p if inverse else 1.0, dtype=x.dtype, device=x.device)
+                                        for p in self.survival]
+        return self._scale_tensors[key][index]
 
     def _draw(self, x: torch.Tensor) -> None:
         probs = torch.tensor(self.survival, dtype=torch.float64)

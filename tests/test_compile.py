@@ -1,0 +1,103 @@
+"""torch.compile on a default sd_ model (block mode): no recompiles from draws, blocks or scales; dropped blocks'
+branches not run; gradients equal to eager for the same gates (issue 13). Timing lives in benchmarks/compile.py."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+import sd_zoo  # noqa: F401
+
+MODEL = 'sd_resnet20_cifar'
+COMPILE_BLOCKS = ['eager', pytest.param('regions', marks=pytest.mark.slow)]  # regions compile 5 block shapes
+
+
+def make(compile_blocks: str, seed: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=10, drop_path_seed=seed)
+    model.stochastic_depth.compile_blocks = compile_blocks
+    return model
+
+
+def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    F.cross_entropy(model(x), y).backward()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
+def test_new_draws_and_a_smaller_last_batch_do_not_recompile(compile_blocks):
+    model = make(compile_blocks)
+    compiled = torch.compile(model)
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    step(compiled, x, y)
+    step(compiled, x[:4], y[:4])  # the last batch of an epoch: one recompile of the stem/head graph, allowed
+    draws = set()
+    with torch.compiler.set_stance('fail_on_recompile'):  # any recompile from here on raises
+        for i in range(6):
+            n = 6 if i % 2 else 4
+            step(compiled, x[:n], y[:n])
+            draws.add(tuple(model.stochastic_depth.last_active))
+    assert len(draws) > 1, 'the gates must be drawn anew in every step'
+
+
+@pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
+def test_compiled_step_runs_no_convolution_of_a_dropped_block(compile_blocks):
+    model = make(compile_blocks)
+    compiled = torch.compile(model)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    step(compiled, x, y)  # compile first
+    kepts = []
+    for _ in range(3):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model.zero_grad()
+            compiled(x)
+        convs = sum(e.count for e in prof.key_averages() if e.key == 'aten::convolution')
+        kepts.append(sum(model.stochastic_depth.last_active))
+        assert convs == 1 + 2 * kepts[-1], (convs, kepts[-1])  # the stem, and two per kept basic block
+    assert min(kepts) < model.stochastic_depth.num_blocks  # some blocks were dropped
+
+
+@pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
+def test_compiled_gradients_equal_eager_for_the_same_gates(compile_blocks):
+    eager = make(compile_blocks)
+    twin = copy.deepcopy(eager)  # same weights, same gate generator state
+    compiled = torch.compile(twin)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        eager.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        step(eager, x, y)
+        step(compiled, x, y)
+        assert eager.stochastic_depth.last_active == twin.stochastic_depth.last_active
+        assert not all(eager.stochastic_depth.last_active)
+        for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compiled_eval_is_one_graph_and_equals_eager():
+    model = make('eager').eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        explanation = torch._dynamo.explain(model)(x)
+        got = torch.compile(model)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_blocks_must_be_known():
+    model = make('eager')
+    with pytest.raises(ValueError, match=r"compile_blocks='fast' is unknown: use one of \('eager', 'regions'\)"):
+        model.stochastic_depth.compile_blocks = 'fast'
