@@ -37,7 +37,7 @@ import sd_zoo  # noqa: F401  (registers the sd_ models)
 from sd_zoo.hub import IntegrityError, export_model, verify_file, write_text_atomic
 
 from .data import DataError, DatasetBundle, build_datasets, check_labels
-from .recipes import TrainConfig, validate_config
+from .recipes import TrainConfig, resolve_compile_blocks, validate_config
 from .run_folder import (
     MAY_CHANGE_ON_RESUME,
     RunFolderError,
@@ -623,6 +623,10 @@ def _setup(cfg: TrainConfig):
                           f'({acc.num_processes} x {cfg.grad_accum})')
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place: the state dict keeps its keys (no '_orig_mod.'), checkpoints load either way
+        sd.compile_blocks = resolve_compile_blocks(cfg.compile_blocks, acc.device.type)
+        model.compile()
+        acc.print(f'torch.compile: on; gated blocks run {sd.compile_blocks} (--compile-blocks {cfg.compile_blocks})')
     optimizer = _make_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch))
     train_loader, eval_loaders = _make_loaders(cfg, bundle, cfg.batch_size // shards, acc.device.type == 'cuda')

@@ -29,7 +29,8 @@ FAULT_ENV = 'SD_ZOO_FAULT'
 
 # Settings that do not change what is trained: a resumed run may change them (each change is recorded).
 MAY_CHANGE_ON_RESUME = ('epochs', 'max_steps', 'checkpoint_every', 'keep_last', 'resume', 'progress', 'log_with',
-                        'threads', 'workers', 'data_dir', 'download', 'compare_with', 'output_dir', 'eval_batch_size')
+                        'threads', 'workers', 'data_dir', 'download', 'compare_with', 'output_dir', 'eval_batch_size',
+                        'compile', 'compile_blocks')
 
 
 class RunFolderError(RuntimeError):
