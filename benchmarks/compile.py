@@ -1,23 +1,31 @@
-"""torch.compile benchmark: graph counts and compiled training steps of the three modes.
+"""torch.compile benchmark: compiled stochastic depth against compiled constant depth and the compiled
+per-sample mask, on the same weights, timed side by side in one process.
 
-* Graphs: ``torch._dynamo.explain`` of a training forward of the whole model. Sample mode must be one graph
-  (inside a compiled graph its masks come from torch's RNG); block mode breaks where the gates are drawn
-  and branched on in Python.
-* Timing (inductor): constant depth compiled whole; sample mode compiled whole; block mode with each
-  block's residual branch compiled on its own and the Python gate left outside (a dropped block still skips
-  its branch), against the eager versions. Compile times are reported too.
+* Graphs: ``torch._dynamo.explain`` of a training forward of the whole model, per mode.
+* Variants (inductor): constant depth eager and compiled; block mode eager; block mode compiled with
+  ``torch.compile(model)`` as a user writes it (``compile_blocks='eager'``, the default: stem and head compiled,
+  the gated blocks run eagerly behind one graph break) and with ``compile_blocks='regions'`` (each kept block a
+  compiled region shared by the blocks of its shape); the per-sample mask (sample mode, timm DropPath-like)
+  compiled whole.
+* Warm-up: wall seconds of the first three steps of each variant, inductor's on-disk cache emptied first
+  (``--warm-cache`` keeps it); compiled graphs and recompiles counted per variant.
+* Targets (issue 13): block compiled at most 0.80x compiled constant depth, and at least 20% faster than the
+  compiled per-sample mask (ratio at most 0.80), judged on 95% bootstrap intervals of the ratio of medians
+  (the unit resampled is one round of all variants). A missed target gets profiler tables of both steps.
 
-Compiling on a 2-core CPU is slow, so the default is a small model. Run from the repository root::
+Run from the repository root (each configuration compiles six models; about 15 minutes on 2 CPU cores)::
 
-    python -m benchmarks.compile                       # sd_resnet20_cifar, batch 64
-    python -m benchmarks.compile --quick               # graph counts plus a short timing
-    python -m benchmarks.compile --device cuda --bf16 --channels-last --model sd_resnet110_cifar --batch 128
+    python -m benchmarks.compile                        # sd_resnet56_cifar b64 and sd_resnet110_cifar b128
+    python -m benchmarks.compile --quick                # sd_resnet20_cifar, batch 8, 3 repetitions
+    python -m benchmarks.compile --device cuda --bf16 --channels-last --tag gpu
 """
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch._dynamo
@@ -32,26 +40,48 @@ from benchmarks.common import (
     machine_info,
     machine_line,
     markdown_table,
+    median,
     prepare,
     ratio_table,
     reproduce_command,
     synchronize,
     write_results,
 )
+from benchmarks.train_step import ratio_interval, verdict
 
-BASELINE = 'constant depth, eager'
+BASELINE = 'constant depth, compiled'
+BLOCK = 'sd_zoo block, compiled'
+REGIONS = 'sd_zoo block, compiled regions'
+SAMPLE = 'sd_zoo sample (per-sample mask), compiled'
+VARIANTS: Dict[str, Tuple[str, bool, str]] = {  # label -> (drop_path_mode, compiled, compile_blocks)
+    'constant depth, eager': ('off', False, 'eager'),
+    BASELINE: ('off', True, 'eager'),
+    'sd_zoo block, eager': ('block', False, 'eager'),
+    BLOCK: ('block', True, 'eager'),
+    REGIONS: ('block', True, 'regions'),
+    SAMPLE: ('sample', True, 'eager'),
+}
+TARGETS = (  # (name, numerator, denominator, at most)
+    ('block compiled vs constant depth compiled', BLOCK, BASELINE, 0.80),
+    ('block compiled vs per-sample mask compiled', BLOCK, SAMPLE, 0.80),
+)
+CONFIGS = (('sd_resnet56_cifar', 64), ('sd_resnet110_cifar', 128))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_device_args(parser)
-    parser.add_argument('--model', default='sd_resnet20_cifar')
-    parser.add_argument('--batch', type=int, default=64)
+    parser.add_argument('--config', action='append', metavar='MODEL:BATCH',
+                        help='model and batch to measure (repeatable); default: the two of issue 13')
+    parser.add_argument('--warm-cache', action='store_true', help="keep inductor's on-disk cache (warm-up shorter)")
+    parser.add_argument('--bootstrap', type=int, default=2000, help='bootstrap resamples for the 95%% intervals')
     parser.add_argument('--no-timing', action='store_true', help='graph counts only')
     args = parser.parse_args(argv)
-    if args.quick:
-        args.batch = min(args.batch, 16)
-    args.reps = args.reps or (3 if args.quick else 7)
+    if args.config:
+        args.configs = [(c.split(':')[0], int(c.split(':')[1])) for c in args.config]
+    else:
+        args.configs = [('sd_resnet20_cifar', 8)] if args.quick else list(CONFIGS)
+    args.reps = args.reps or (3 if args.quick else 9)
     return args
 
 
@@ -64,92 +94,118 @@ def explain_graphs(model: nn.Module, x: torch.Tensor) -> Dict[str, Any]:
             'break_reasons': sorted(set(reasons))[:5]}
 
 
-def compile_branches(model: nn.Module) -> nn.Module:
-    """Compile every block's residual branch on its own; the gate (and the skip) stay in Python."""
-    for block in model.sd_blocks():
-        block.branch = torch.compile(block.branch)
-    return model
+def build_model(model_name: str, variant: str, weights: Dict[str, torch.Tensor], device: torch.device,
+                channels_last: bool) -> nn.Module:
+    mode, compiled, compile_blocks = VARIANTS[variant]
+    model = prepare(create_sd(model_name, mode, weights, num_classes=10), device, channels_last)
+    model.stochastic_depth.compile_blocks = compile_blocks
+    return torch.compile(model) if compiled else model
 
 
-def _raise_recompile_limit(limit: int) -> None:
-    # every block instance is its own compiled frame; the default limit (8) would send the rest to eager
-    for name in ('recompile_limit', 'cache_size_limit'):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+def warm_up(step: TrainStep, device: torch.device, calls: int = 3) -> Dict[str, float]:
+    """Wall seconds of the first ``calls`` steps, and the graphs compiled and recompiles made meanwhile."""
+    stats = torch._dynamo.utils.counters['stats']
+    graphs_before, recompiles_before = stats['unique_graphs'], _recompiles()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    synchronize(device)
+    return {'first_steps_s': time.perf_counter() - start, 'graphs': stats['unique_graphs'] - graphs_before,
+            'recompiles': _recompiles() - recompiles_before}
 
 
-def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
-                y: torch.Tensor) -> Dict[str, TrainStep]:
-    weights = create_sd(args.model, 'off', num_classes=10).state_dict()
-
-    def make(mode: str) -> nn.Module:
-        return prepare(create_sd(args.model, mode, weights, num_classes=10), device, args.channels_last)
-
-    models = {
-        BASELINE: make('off'),
-        'constant depth, compiled': torch.compile(make('off')),
-        'sd_zoo block, eager': make('block'),
-        'sd_zoo block, branches compiled': compile_branches(make('block')),
-        'sd_zoo sample, eager': make('sample'),
-        'sd_zoo sample, compiled': torch.compile(make('sample')),
-    }
-    return {label: TrainStep(m, x, y, device, args.bf16) for label, m in models.items()}
+def _recompiles() -> int:
+    return sum(torch._dynamo.utils.counters['recompiles'].values())
 
 
-def first_steps(steps: Dict[str, TrainStep], device: torch.device, calls: int) -> Dict[str, float]:
-    """Wall seconds of the first ``calls`` steps of each variant (compilation, and block-mode recompiles)."""
-    seconds = {}
-    for label, step in steps.items():
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        synchronize(device)
-        seconds[label] = time.perf_counter() - start
-    return seconds
+def profile_table(step: TrainStep, rows: int = 12) -> str:
+    """The heaviest operators of one step (self CPU time), as torch.profiler prints them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows, max_name_column_width=60)
+
+
+def measure_config(model_name: str, batch: int, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    weights = create_sd(model_name, 'off', num_classes=10).state_dict()
+    torch._dynamo.reset()
+    steps, warm = {}, {}
+    for variant in VARIANTS:
+        steps[variant] = TrainStep(build_model(model_name, variant, weights, device, args.channels_last), x, y,
+                                   device, args.bf16)
+        warm[variant] = warm_up(steps[variant], device)
+        print(f'  {model_name} b{batch}: {variant}: first 3 steps {warm[variant]["first_steps_s"]:.1f}s', flush=True)
+    times = alternate(steps, args.reps, warmup=0, device=device)
+    recompiles_timed = _recompiles() - sum(w['recompiles'] for w in warm.values())
+    result: Dict[str, Any] = {'model': model_name, 'batch': batch, 'reps': args.reps, 'warm_up': warm,
+                              'variants': ratio_table(times, BASELINE), 'times_s': times,
+                              'recompiles_while_timed': recompiles_timed, 'targets': {}, 'profiles': {}}
+    for name, num, den, target in TARGETS:
+        interval = ratio_interval(times[args.clock], num, den, args.bootstrap)
+        ratio = median(times[args.clock][num]) / median(times[args.clock][den])
+        result['targets'][name] = {'ratio': ratio, 'interval_95': interval, 'target': target,
+                                   'verdict': verdict(interval, target)}
+    if any(t['verdict'] != 'met' for t in result['targets'].values()):
+        result['profiles'] = {v: profile_table(steps[v]) for v in (BLOCK, BASELINE)}
+    base = warm[BASELINE]['first_steps_s']
+    result['warm_up_vs_constant_compiled'] = {v: w['first_steps_s'] / base for v, w in warm.items()
+                                              if VARIANTS[v][1]}
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
     info = machine_info(device)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    graphs = {mode: explain_graphs(prepare(create_sd(args.model, mode, num_classes=10), device,
-                                           args.channels_last), x)
-              for mode in ('off', 'sample', 'block')}
-    payload: Dict[str, Any] = {'machine': info, 'command': reproduce_command('compile', argv), 'model': args.model,
-                               'batch': args.batch, 'clock': args.clock, 'flush_denormal': args.flush_denormal,
-                               'graphs': graphs}
-    rows = [[mode, g['graphs'], g['graph_breaks'], '; '.join(g['break_reasons'])[:200] or '-']
-            for mode, g in graphs.items()]
-    markdown = (f"Measured on {machine_line(info)}.\n\nReproduce: `{payload['command']}`\n\n"
-                f"**torch.compile graphs** (`torch._dynamo.explain`, training forward of {args.model})\n\n"
-                + markdown_table(['drop_path_mode', 'graphs', 'graph breaks', 'break reasons'], rows))
+    payload: Dict[str, Any] = {'machine': info, 'command': reproduce_command('compile', argv), 'clock': args.clock,
+                               'flush_denormal': args.flush_denormal, 'bf16': args.bf16,
+                               'channels_last': args.channels_last, 'torch': torch.__version__, 'configs': []}
+    model_name = args.configs[0][0]
+    x = torch.randn(2, 3, 32, 32, device=device)
+    payload['graphs'] = {mode: explain_graphs(prepare(create_sd(model_name, mode, num_classes=10), device,
+                                                      args.channels_last), x)
+                         for mode in ('off', 'sample', 'block')}
+    payload['graphs_model'] = model_name
     if not args.no_timing:
-        torch._dynamo.reset()
-        _raise_recompile_limit(64)
-        steps = build_steps(args, device, x, y)
-        payload['first_steps_s'] = first_steps(steps, device, calls=3)
-        times = alternate(steps, args.reps, warmup=0, device=device)
-        payload['variants'], payload['times_s'] = ratio_table(times, BASELINE), times
-        payload['reps'] = args.reps
-        markdown += '\n' + timing_markdown(payload, args)
-    write_results(args.out, f"compile_{args.tag or device.type}", payload, markdown)
+        with tempfile.TemporaryDirectory() as cache:
+            if not args.warm_cache:  # a cold start, as a user's first run
+                os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache
+            for model_name, batch in args.configs:
+                payload['configs'].append(measure_config(model_name, batch, args, device))
+    write_results(args.out, f"compile_{args.tag or device.type}", payload, to_markdown(payload, args))
     return payload
 
 
-def timing_markdown(payload: Dict[str, Any], args: argparse.Namespace) -> str:
+def to_markdown(payload: Dict[str, Any], args: argparse.Namespace) -> str:
+    rows = [[mode, g['graphs'], g['graph_breaks'], '; '.join(g['break_reasons'])[:200] or '-']
+            for mode, g in payload['graphs'].items()]
+    md = (f"Measured on {machine_line(payload['machine'])}.\n\n"
+          f"Reproduce: `{payload['command']}`\n\n"
+          f"**torch.compile graphs** (`torch._dynamo.explain`, training forward of {payload['graphs_model']})\n\n"
+          + markdown_table(['drop_path_mode', 'graphs', 'graph breaks', 'break reasons'], rows))
     clock, other = args.clock, ('wall' if args.clock == 'cpu' else 'cpu')
-    rows = [[label, f"**{v[f'{clock}_ratio']:.3f}x**", f"{v[f'{other}_ratio']:.3f}x",
-             f"{v[f'{clock}_median_s']:.3f}", f"{payload['first_steps_s'][label]:.1f}"]
-            for label, v in payload['variants'].items()]
-    return (f"**Compiled training step** (inductor), {args.model}, batch {args.batch}, median of {args.reps} "
-            f"after 3 warm-up steps\n\n"
-            + markdown_table(['variant', f'step vs constant depth, eager ({clock} time)', f'({other} time)',
-                              f'median {clock} s (this machine)', 'first 3 steps, wall s (compile)'], rows))
+    for res in payload['configs']:
+        warm = res['warm_up']
+        rows = [[label, f"**{v[f'{clock}_ratio']:.3f}x**", f"{v[f'{other}_ratio']:.3f}x",
+                 f"{v[f'{clock}_median_s']:.3f}", f"{warm[label]['first_steps_s']:.1f}",
+                 warm[label]['graphs'], warm[label]['recompiles']]
+                for label, v in res['variants'].items()]
+        md += (f"\n\n**Training step, {res['model']}, batch {res['batch']}** (inductor; median of {res['reps']} "
+               f"interleaved rounds after 3 warm-up steps; recompiles while timed: "
+               f"{res['recompiles_while_timed']})\n\n"
+               + markdown_table(['variant', f'step vs constant depth, compiled ({clock} time)', f'({other} time)',
+                                 f'median {clock} s (this machine)', 'first 3 steps, wall s',
+                                 'graphs compiled', 'recompiles'], rows))
+        trows = [[name, f"{t['ratio']:.3f}", f"[{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}]",
+                  f"<= {t['target']:.2f}", t['verdict']] for name, t in res['targets'].items()]
+        md += '\n\n' + markdown_table(['target', 'ratio of medians', '95% interval', 'target', 'verdict'], trows)
+        for variant, table in res['profiles'].items():
+            md += f"\n\nProfile of one step, {variant} (a target was missed):\n\n```\n{table}\n```"
+    return md
 
 
 if __name__ == '__main__':

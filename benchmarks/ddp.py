@@ -1,15 +1,19 @@
-"""DDP benchmark: two CPU processes (gloo), block mode against constant depth.
+"""DDP benchmark: two CPU processes (gloo), block mode against constant depth, eager and compiled.
 
-With ``drop_path_grad='none'`` block mode leaves the parameters of dropped blocks without gradient, so its
-DistributedDataParallel needs ``find_unused_parameters=True``; that search costs time every step. (The default,
-``drop_path_grad='zero'``, gives them a zero gradient and works under plain DDP; ``benchmarks.dropped_grad``
-measures its cost.) The variants, all on one set of weights and timed round-robin inside the same two processes:
+The default ``drop_path_grad='zero'`` gives a dropped block's parameters a zero gradient, so block mode works under
+plain DistributedDataParallel; with ``drop_path_grad='none'`` they get none and DDP needs
+``find_unused_parameters=True``, a search that costs time every step. The variants, all on one set of weights,
+timed round-robin inside the same two processes:
 
-* ``constant depth`` (plain DDP, the baseline);
-* ``constant depth, find_unused_parameters`` (the price of the search alone);
-* ``sd_zoo block, find_unused_parameters`` (both ranks seed the gate generator alike, so they drop the same
-  blocks; the script checks that they did);
-* ``sd_zoo sample`` (plain DDP: every parameter gets a gradient).
+* ``constant depth`` (plain DDP, the baseline), and with ``find_unused_parameters`` (the price of the search);
+* ``sd_zoo block`` (plain DDP), and ``sd_zoo block, find_unused_parameters`` (``drop_path_grad='none'``);
+* ``sd_zoo sample`` (plain DDP: every branch computed);
+* ``constant depth, compiled`` and ``sd_zoo block, compiled``: ``torch.compile(DDP(model))``.
+
+Each rank seeds its gate generator differently (as timm's ``train.py`` seeds ``seed + rank``); the first draw
+broadcasts rank 0's generator state, and the script checks that both ranks dropped the same blocks in every
+step. Targets (issue 13): block mode at most 0.80x constant depth, eager and compiled, on 95% bootstrap
+intervals of the ratio of medians.
 
 Run from the repository root::
 
@@ -39,19 +43,28 @@ from benchmarks.common import (
     machine_info,
     machine_line,
     markdown_table,
+    median,
     ratio_table,
     reproduce_command,
     write_results,
 )
+from benchmarks.train_step import ratio_interval, verdict
 
 BASELINE = 'constant depth'
-VARIANTS = {  # label -> (drop_path_mode, find_unused_parameters)
-    BASELINE: ('off', False),
-    'constant depth, find_unused_parameters': ('off', True),
-    'sd_zoo block, find_unused_parameters': ('block', True),
-    'sd_zoo sample': ('sample', False),
+COMPILED_BASELINE = 'constant depth, compiled'
+VARIANTS = {  # label -> (drop_path_mode, drop_path_grad, find_unused_parameters, compiled)
+    BASELINE: ('off', 'zero', False, False),
+    'constant depth, find_unused_parameters': ('off', 'zero', True, False),
+    'sd_zoo block': ('block', 'zero', False, False),
+    'sd_zoo block, find_unused_parameters': ('block', 'none', True, False),
+    'sd_zoo sample': ('sample', 'zero', False, False),
+    COMPILED_BASELINE: ('off', 'zero', False, True),
+    'sd_zoo block, compiled': ('block', 'zero', False, True),
 }
-BLOCK = 'sd_zoo block, find_unused_parameters'
+TARGETS = (  # (name, numerator, denominator, at most): issue 13, point 3
+    ('block vs constant depth, eager (plain DDP)', 'sd_zoo block', BASELINE, 0.80),
+    ('block vs constant depth, both compiled', 'sd_zoo block, compiled', COMPILED_BASELINE, 0.80),
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -93,12 +106,14 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out_path: str) -> No
 def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     torch.manual_seed(0)  # same weights and batch shapes everywhere; each rank gets its own data below
     weights = create_sd(args.model, 'off', num_classes=10).state_dict()
-    steps = {}
-    for label, (mode, find_unused) in VARIANTS.items():
-        model = create_sd(args.model, mode, weights, num_classes=10)
-        model.stochastic_depth.manual_seed(1234)  # alike on every rank: the same blocks are dropped
+    steps, sds = {}, {}
+    for label, (mode, dropped_grad, find_unused, compiled) in VARIANTS.items():
+        # each rank seeds its gates differently (as timm's train.py does): the first draw broadcasts rank 0's
+        model = create_sd(args.model, mode, weights, seed=1234 + rank, num_classes=10, drop_path_grad=dropped_grad)
+        sds[label] = model.stochastic_depth
         ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
-        steps[label] = TrainStep(ddp, torch.empty(0), torch.empty(0), torch.device('cpu'), False)
+        steps[label] = TrainStep(torch.compile(ddp) if compiled else ddp, torch.empty(0), torch.empty(0),
+                                 torch.device('cpu'), False)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_per_rank, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (args.batch_per_rank,), generator=gen)
@@ -107,9 +122,9 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     mismatches: List[int] = []
 
     def after_each(label: str, rep: int) -> None:
-        if label == BLOCK:
+        if VARIANTS[label][0] == 'block':
             gathered: List[Any] = [None] * args.world_size
-            dist.all_gather_object(gathered, steps[label].model.module.stochastic_depth.last_active)
+            dist.all_gather_object(gathered, sds[label].last_active)
             mismatches.append(sum(g != gathered[0] for g in gathered))
         dist.barrier()  # every timed step starts with the ranks aligned
 
@@ -136,10 +151,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if measured['rank_gate_mismatches']:
         raise RuntimeError(f"ranks dropped different blocks in {measured['rank_gate_mismatches']} steps")
     table = ratio_table(measured['times_s'], BASELINE)
+    targets = {}
+    for name, num, den, target in TARGETS:
+        times = measured['times_s'][args.clock]
+        interval = ratio_interval(times, num, den, 2000)
+        targets[name] = {'ratio': median(times[num]) / median(times[den]), 'interval_95': interval,
+                         'target': target, 'verdict': verdict(interval, target)}
     payload = {'machine': info, 'command': reproduce_command('ddp', argv), 'model': args.model,
                'batch_per_rank': args.batch_per_rank, 'world_size': args.world_size, 'reps': args.reps,
                'clock': args.clock, 'flush_denormal': args.flush_denormal,
-               'threads_per_rank': max(1, (os.cpu_count() or 1) // args.world_size), 'variants': table, **measured}
+               'threads_per_rank': max(1, (os.cpu_count() or 1) // args.world_size), 'variants': table,
+               'targets': targets, **measured}
     other = 'wall' if args.clock == 'cpu' else 'cpu'
     rows = [[label, f"**{v[f'{args.clock}_ratio']:.3f}x**", f"{v[f'{other}_ratio']:.3f}x",
              f"{v[f'{args.clock}_median_s']:.3f}"] for label, v in table.items()]
@@ -148,7 +170,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"per rank, {payload['threads_per_rank']} torch thread(s) per rank, median of {args.reps} "
                 f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step\n\n"
                 + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
-                                  f'({other} time)', f'median {args.clock} s (this machine)'], rows))
+                                  f'({other} time)', f'median {args.clock} s (this machine)'], rows)
+                + '\n\n' + markdown_table(
+                    ['target (issue 13)', 'ratio of medians', '95% interval', 'target', 'verdict'],
+                    [[name, f"{t['ratio']:.3f}", f"[{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}]",
+                      f"<= {t['target']:.2f}", t['verdict']] for name, t in targets.items()]))
     write_results(args.out, f"ddp_{args.tag or 'cpu'}", payload, markdown)
     return payload
 

@@ -63,12 +63,12 @@ def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optiona
         for label in ('constant depth, find_unused_parameters', 'sd_zoo block, find_unused_parameters'):
             extra.append([f"DDP, 2 CPU ranks, {ddp['model']}: {label}", _ratio(ddp['variants'][label], ddp['clock'])])
     if comp:
-        extra.append([f"torch.compile graphs of a training forward, {comp['model']}: off / sample / block",
+        extra.append([f"torch.compile graphs of a training forward, {comp['graphs_model']}: off / sample / block",
                       ' / '.join(str(comp['graphs'][m]['graphs']) for m in ('off', 'sample', 'block'))])
-        if 'variants' in comp:
-            for label in ('constant depth, compiled', 'sd_zoo block, branches compiled', 'sd_zoo sample, compiled'):
-                extra.append([f"compiled training step, {comp['model']}: {label} (vs eager constant depth)",
-                              _ratio(comp['variants'][label], comp['clock'])])
+        for res in comp.get('configs', []):
+            for name, t in res['targets'].items():
+                extra.append([f"compiled training step, {res['model']} b{res['batch']}: {name}",
+                              f"{t['ratio']:.3f}x [{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}]"])
     if extra:
         text += '\n' + markdown_table(['other measurements', 'value'], extra)
     return text

@@ -280,6 +280,17 @@ def bootstrap_interval(times: Dict[str, List[float]], realized: List[List[bool]]
     return {key: [percentile(v, 2.5), percentile(v, 97.5)] for key, v in samples.items()}
 
 
+def ratio_interval(times: Dict[str, List[float]], num: str, den: str, resamples: int,
+                   seed: int = 0) -> List[float]:
+    """95% percentile-bootstrap interval of median(num) / median(den); one round of all variants is the unit."""
+    rng, reps = random.Random(seed), len(times[num])
+    ratios = []
+    for _ in range(resamples):
+        idx = [rng.randrange(reps) for _ in range(reps)]
+        ratios.append(median([times[num][i] for i in idx]) / median([times[den][i] for i in idx]))
+    return [percentile(ratios, 2.5), percentile(ratios, 97.5)]
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
     ordered = sorted(values)

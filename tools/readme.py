@@ -81,6 +81,49 @@ def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'summary_cpu.
     return path.read_text().strip() if path.exists() else '_No benchmark results are committed yet._'
 
 
+def _fastest(variants: Dict[str, Dict], labels: Sequence[str], clock: str) -> str:
+    return min(labels, key=lambda label: variants[label][f'{clock}_median_s'])
+
+
+def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> str:
+    """One recommendation per situation (mode, and whether to compile), chosen from the measured results files:
+    the fastest measured variant wins; a situation without a results file says that it is not measured."""
+    rows = ['| situation | recommendation | measured (ratio of medians, 95% interval) |', '|---|---|---|']
+    comp_path, ddp_path = results / 'compile_cpu.json', results / 'ddp_cpu.json'
+    if comp_path.exists():
+        comp = _read_json(comp_path)
+        for res in comp['configs']:
+            v, clock = res['variants'], comp['clock']
+            where = f"{res['model']}, batch {res['batch']}"
+            eager = v['sd_zoo block, eager'][f'{clock}_median_s'] / v['constant depth, eager'][f'{clock}_median_s']
+            rows.append(f"| CPU, eager ({where}) | block mode (the default) | {eager:.3f}x constant depth, eager |")
+            best = _fastest(v, ['sd_zoo block, eager', 'sd_zoo block, compiled', 'sd_zoo block, compiled regions'],
+                            clock)
+            advice = {'sd_zoo block, eager': 'do not compile: eager block mode is faster here',
+                      'sd_zoo block, compiled': '`torch.compile(model)` (`--compile`), gated blocks eager',
+                      'sd_zoo block, compiled regions': "`torch.compile(model)` with `compile_blocks='regions'`"}
+            t = res['targets']['block compiled vs constant depth compiled']
+            vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
+            rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
+                        f"compiled: {t['ratio']:.3f}x [{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}], "
+                        f"{t['verdict']}) |")
+    if ddp_path.exists():
+        ddp = _read_json(ddp_path)
+        v, clock = ddp['variants'], ddp['clock']
+        advice = {'sd_zoo block': "block mode under plain DDP (`drop_path_grad='zero'`, the default), not compiled",
+                  'sd_zoo block, compiled': '`torch.compile(DDP(model))` (`--compile`)',
+                  'sd_zoo block, find_unused_parameters': "`drop_path_grad='none'` with `find_unused_parameters`"}
+        best = _fastest(v, [label for label in advice if label in v], clock)
+        measured = '; '.join(f"{name}: {t['ratio']:.3f}x [{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}], "
+                             f"{t['verdict']}" for name, t in ddp.get('targets', {}).items())
+        rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}) | {advice[best]} | {measured} |")
+    for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
+        if not (results / name).exists():
+            rows.append(f"| {situation} | not measured yet (no GPU here; the GPU check is owed): block mode; "
+                        f"`--compile` keeps the gated blocks eager | - |")
+    return '\n'.join(rows)
+
+
 BLOCKS: Dict[str, Callable[[], str]] = {
     'models': model_table,
     'weights': weights_table,
@@ -88,6 +131,7 @@ BLOCKS: Dict[str, Callable[[], str]] = {
     'resnet110': resnet110_summary,
     'paper': paper_table,
     'benchmarks': benchmark_table,
+    'compile': compile_recommendation,
 }
 
 
