@@ -25,6 +25,20 @@ def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
+def warm_up(compiled: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            sizes=(None,)) -> None:
+    """Train steps until every block has run at least once at every batch size: 'regions' compiles a block
+    shape's region the first time a block of that shape is kept (once per shape, not per draw)."""
+    for n in sizes:
+        seen = [False] * model.stochastic_depth.num_blocks
+        for _ in range(30):
+            step(compiled, x[:n], y[:n])
+            seen = [a or b for a, b in zip(seen, model.stochastic_depth.last_active)]
+            if all(seen):
+                break
+        assert all(seen)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -37,14 +51,21 @@ def test_new_draws_and_a_smaller_last_batch_do_not_recompile(compile_blocks):
     model = make(compile_blocks)
     compiled = torch.compile(model)
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
-    step(compiled, x, y)
-    step(compiled, x[:4], y[:4])  # the last batch of an epoch: one recompile of the stem/head graph, allowed
+    warm_up(compiled, model, x, y, sizes=(6, 4))  # 4: the last batch of an epoch, one recompile of stem/head
+    counters = torch._dynamo.utils.counters
+    graphs, frames = counters['stats']['unique_graphs'], counters['frames']['total']
+    # 'fail_on_recompile' makes any recompile raise; it also trips on the frame that 'regions' skips on purpose
+    # (torch.compiler.disable(recursive=False)), so there the counters alone decide
+    stance = 'fail_on_recompile' if compile_blocks == 'eager' else 'default'
     draws = set()
-    with torch.compiler.set_stance('fail_on_recompile'):  # any recompile from here on raises
+    with torch.compiler.set_stance(stance):
         for i in range(6):
             n = 6 if i % 2 else 4
             step(compiled, x[:n], y[:n])
             draws.add(tuple(model.stochastic_depth.last_active))
+    assert counters['stats']['unique_graphs'] == graphs, 'a new graph was compiled after warm-up'
+    if compile_blocks == 'eager':  # 'regions' passes its skipped frame to dynamo at every call (no graph made)
+        assert counters['frames']['total'] == frames, 'dynamo converted a new frame'
     assert len(draws) > 1, 'the gates must be drawn anew in every step'
 
 
@@ -53,7 +74,7 @@ def test_compiled_step_runs_no_convolution_of_a_dropped_block(compile_blocks):
     model = make(compile_blocks)
     compiled = torch.compile(model)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    step(compiled, x, y)  # compile first
+    warm_up(compiled, model, x, y)  # compile first (the profiler would also count the ops traced meanwhile)
     kepts = []
     for _ in range(3):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
