@@ -40,14 +40,13 @@ from benchmarks.common import (
     machine_info,
     machine_line,
     markdown_table,
-    median,
     prepare,
     ratio_table,
     reproduce_command,
     synchronize,
     write_results,
 )
-from benchmarks.train_step import ratio_interval, verdict
+from benchmarks.train_step import target_check, targets_markdown
 
 BASELINE = 'constant depth, compiled'
 BLOCK = 'sd_zoo block, compiled'
@@ -143,12 +142,9 @@ def measure_config(model_name: str, batch: int, args: argparse.Namespace, device
     recompiles_timed = _recompiles() - sum(w['recompiles'] for w in warm.values())
     result: Dict[str, Any] = {'model': model_name, 'batch': batch, 'reps': args.reps, 'warm_up': warm,
                               'variants': ratio_table(times, BASELINE), 'times_s': times,
-                              'recompiles_while_timed': recompiles_timed, 'targets': {}, 'profiles': {}}
-    for name, num, den, target in TARGETS:
-        interval = ratio_interval(times[args.clock], num, den, args.bootstrap)
-        ratio = median(times[args.clock][num]) / median(times[args.clock][den])
-        result['targets'][name] = {'ratio': ratio, 'interval_95': interval, 'target': target,
-                                   'verdict': verdict(interval, target)}
+                              'recompiles_while_timed': recompiles_timed, 'profiles': {}}
+    result['targets'] = {name: target_check(times[args.clock], num, den, target, args.bootstrap)
+                         for name, num, den, target in TARGETS}
     if any(t['verdict'] != 'met' for t in result['targets'].values()):
         result['profiles'] = {v: profile_table(steps[v]) for v in (BLOCK, BASELINE)}
     base = warm[BASELINE]['first_steps_s']
@@ -200,9 +196,7 @@ def to_markdown(payload: Dict[str, Any], args: argparse.Namespace) -> str:
                + markdown_table(['variant', f'step vs constant depth, compiled ({clock} time)', f'({other} time)',
                                  f'median {clock} s (this machine)', 'first 3 steps, wall s',
                                  'graphs compiled', 'recompiles'], rows))
-        trows = [[name, f"{t['ratio']:.3f}", f"[{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}]",
-                  f"<= {t['target']:.2f}", t['verdict']] for name, t in res['targets'].items()]
-        md += '\n\n' + markdown_table(['target', 'ratio of medians', '95% interval', 'target', 'verdict'], trows)
+        md += '\n\n' + targets_markdown(res['targets'])
         for variant, table in res['profiles'].items():
             md += f"\n\nProfile of one step, {variant} (a target was missed):\n\n```\n{table}\n```"
     return md

@@ -43,12 +43,11 @@ from benchmarks.common import (
     machine_info,
     machine_line,
     markdown_table,
-    median,
     ratio_table,
     reproduce_command,
     write_results,
 )
-from benchmarks.train_step import ratio_interval, verdict
+from benchmarks.train_step import target_check, targets_markdown
 
 BASELINE = 'constant depth'
 COMPILED_BASELINE = 'constant depth, compiled'
@@ -151,12 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if measured['rank_gate_mismatches']:
         raise RuntimeError(f"ranks dropped different blocks in {measured['rank_gate_mismatches']} steps")
     table = ratio_table(measured['times_s'], BASELINE)
-    targets = {}
-    for name, num, den, target in TARGETS:
-        times = measured['times_s'][args.clock]
-        interval = ratio_interval(times, num, den, 2000)
-        targets[name] = {'ratio': median(times[num]) / median(times[den]), 'interval_95': interval,
-                         'target': target, 'verdict': verdict(interval, target)}
+    targets = {name: target_check(measured['times_s'][args.clock], num, den, target)
+               for name, num, den, target in TARGETS}
     payload = {'machine': info, 'command': reproduce_command('ddp', argv), 'model': args.model,
                'batch_per_rank': args.batch_per_rank, 'world_size': args.world_size, 'reps': args.reps,
                'clock': args.clock, 'flush_denormal': args.flush_denormal,
@@ -171,10 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step\n\n"
                 + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
                                   f'({other} time)', f'median {args.clock} s (this machine)'], rows)
-                + '\n\n' + markdown_table(
-                    ['target (issue 13)', 'ratio of medians', '95% interval', 'target', 'verdict'],
-                    [[name, f"{t['ratio']:.3f}", f"[{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}]",
-                      f"<= {t['target']:.2f}", t['verdict']] for name, t in targets.items()]))
+                + '\n\n' + targets_markdown(targets, 'target (issue 13)'))
     write_results(args.out, f"ddp_{args.tag or 'cpu'}", payload, markdown)
     return payload
 

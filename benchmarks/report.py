@@ -13,7 +13,7 @@ import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks.common import RESULTS_DIR, machine_line, markdown_table
-from benchmarks.train_step import with_interval
+from benchmarks.train_step import format_ratio, with_interval
 from sd_zoo.hub import write_text_atomic
 
 PEER_ROWS = ('sd_zoo block', 'sd_zoo sample', 'timm DropPath', 'torchvision SD batch', 'torchvision SD row')
@@ -67,8 +67,7 @@ def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optiona
                       ' / '.join(str(comp['graphs'][m]['graphs']) for m in ('off', 'sample', 'block'))])
         for res in comp.get('configs', []):
             for name, t in res['targets'].items():
-                extra.append([f"compiled training step, {res['model']} b{res['batch']}: {name}",
-                              f"{t['ratio']:.3f}x [{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}]"])
+                extra.append([f"compiled training step, {res['model']} b{res['batch']}: {name}", format_ratio(t)])
     if extra:
         text += '\n' + markdown_table(['other measurements', 'value'], extra)
     return text

@@ -291,6 +291,26 @@ def ratio_interval(times: Dict[str, List[float]], num: str, den: str, resamples:
     return [percentile(ratios, 2.5), percentile(ratios, 97.5)]
 
 
+def target_check(times: Dict[str, List[float]], num: str, den: str, target: float,
+                 resamples: int = 2000) -> Dict[str, Any]:
+    """Ratio of medians num / den with its 95% bootstrap interval, and the verdict against ``target`` (at most)."""
+    interval = ratio_interval(times, num, den, resamples)
+    return {'ratio': median(times[num]) / median(times[den]), 'interval_95': interval, 'target': target,
+            'verdict': verdict(interval, target)}
+
+
+def format_ratio(check: Dict[str, Any]) -> str:
+    """``0.857x [0.807, 0.920]``: a :func:`target_check`'s ratio and interval."""
+    lo, hi = check['interval_95']
+    return f"{check['ratio']:.3f}x [{lo:.3f}, {hi:.3f}]"
+
+
+def targets_markdown(targets: Dict[str, Dict[str, Any]], title: str = 'target') -> str:
+    return markdown_table([title, 'ratio of medians [95% interval]', 'target', 'verdict'],
+                          [[name, format_ratio(t), f"<= {t['target']:.2f}", t['verdict']]
+                           for name, t in targets.items()])
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
     ordered = sorted(values)

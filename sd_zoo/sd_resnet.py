@@ -110,9 +110,7 @@ def compiled_gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
     return _eager_block(block, x)
 
 
-@torch.compiler.disable
-def _eager_block(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
-    return gated_forward(block, x)
+_eager_block = torch.compiler.disable(gated_forward)
 
 
 @torch.compiler.disable
@@ -152,16 +150,18 @@ class _SDBlock(nn.Module):
     def combine(self, x: torch.Tensor, scale: GateScale) -> torch.Tensor:
         if _is_dropped(scale):
             return self.skip(x)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        if isinstance(scale, torch.Tensor):
+        if isinstance(scale, torch.Tensor):  # a per-sample mask
+            shortcut = x if self.downsample is None else self.downsample(x)
             return self.act_out(torch.addcmul(shortcut, self.branch(x), scale))
-        # a float scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place
-        # add, as in timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no
-        # extra pass over the activations for the scale, neither forward nor backward
-        return self.act_out(self.branch(x, scale).add_(shortcut))
+        return self.kept(x, scale)
 
-    def kept(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """A kept block with its survivor scale as a 0-d tensor: the region that ``torch.compile`` compiles."""
+    def kept(self, x: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
+        """A kept block whose branch is scaled by one number: a float, or a 0-d tensor (the region that
+        ``torch.compile`` compiles with ``compile_blocks='regions'``: a tensor is not specialized on).
+
+        The scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place add, as in
+        timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no extra pass over the
+        activations for the scale, neither forward nor backward."""
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.act_out(self.branch(x, scale).add_(shortcut))
 
@@ -203,7 +203,7 @@ class _SDBlock(nn.Module):
         raise NotImplementedError
 
 
-def scaled_norm(norm: nn.Module, x: torch.Tensor, scale: float) -> torch.Tensor:
+def scaled_norm(norm: nn.Module, x: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
     """``scale * norm(x)``; for an affine ``nn.BatchNorm2d`` the scale goes into its weight and bias instead.
 
     The batch statistics, the running-statistics update and the gradients are those of ``norm(x)``; only

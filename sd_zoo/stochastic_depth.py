@@ -204,7 +204,7 @@ class StochasticDepth:
     def scale_tensor(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``index``'s survivor scale (1/p_l in train scaling, else 1) as a 0-d tensor like ``x``, made
         once per device and dtype: what a compiled region takes instead of a float it would specialize on."""
-        key = (x.device, x.dtype)
+        key = (x.device, x.dtype, self.scaling)  # fold_test_scaling may change the scaling
         if key not in self._scale_tensors:
             inverse = self.scaling == 'train'
             self._scale_tensors[key] = [torch.tensor(1.0 / p if inverse else 1.0, dtype=x.dtype, device=x.device)

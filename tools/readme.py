@@ -17,6 +17,7 @@ from typing import Callable, Dict, Optional, Sequence
 import timm
 import torch
 
+from benchmarks.train_step import format_ratio
 from sd_zoo.cards import readme_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,8 +106,7 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
             t = res['targets']['block compiled vs constant depth compiled']
             vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
             rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
-                        f"compiled: {t['ratio']:.3f}x [{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}], "
-                        f"{t['verdict']}) |")
+                        f"compiled: {format_ratio(t)}, {t['verdict']}) |")
     if ddp_path.exists():
         ddp = _read_json(ddp_path)
         v, clock = ddp['variants'], ddp['clock']
@@ -114,8 +114,7 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
                   'sd_zoo block, compiled': '`torch.compile(DDP(model))` (`--compile`)',
                   'sd_zoo block, find_unused_parameters': "`drop_path_grad='none'` with `find_unused_parameters`"}
         best = _fastest(v, [label for label in advice if label in v], clock)
-        measured = '; '.join(f"{name}: {t['ratio']:.3f}x [{t['interval_95'][0]:.3f}, {t['interval_95'][1]:.3f}], "
-                             f"{t['verdict']}" for name, t in ddp.get('targets', {}).items())
+        measured = '; '.join(f"{name}: {format_ratio(t)}, {t['verdict']}" for name, t in ddp.get('targets', {}).items())
         rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}) | {advice[best]} | {measured} |")
     for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
         if not (results / name).exists():

@@ -20,7 +20,6 @@ step 1 says so and the demo exits with status 1 after the other steps.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -119,7 +118,7 @@ def zoo_weights(hub: LocalHubServer, cache: Path, data_dir: Optional[str], limit
 def interleaved_ratio(reps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
     """Training-step CPU time of stochastic over constant depth, timed round-robin; 95% bootstrap interval."""
     from benchmarks.common import TrainStep, alternate, median
-    from benchmarks.train_step import percentile
+    from benchmarks.train_step import ratio_interval
     torch.manual_seed(seed)
     x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
@@ -130,12 +129,7 @@ def interleaved_ratio(reps: int, batch: int, seed: int = 0) -> Dict[str, Any]:
         steps[name] = TrainStep(model, x, y, torch.device('cpu'), bf16=False)
     cpu = alternate(steps, reps=reps, warmup=1)['cpu']
     ratio = median(cpu['stochastic']) / median(cpu['constant'])
-    rng = random.Random(seed)
-    boot = []
-    for _ in range(2000):  # resample rounds: a round times both variants side by side
-        idx = [rng.randrange(reps) for _ in range(reps)]
-        boot.append(median([cpu['stochastic'][i] for i in idx]) / median([cpu['constant'][i] for i in idx]))
-    interval = [percentile(boot, 2.5), percentile(boot, 97.5)]
+    interval = ratio_interval(cpu, 'stochastic', 'constant', 2000, seed)  # a round times both side by side
     print(f'[2/3] training step of sd_resnet110_cifar (batch {batch}, 28 x 28, {torch.get_num_threads()} threads), '
           f'{reps} interleaved rounds: stochastic / constant depth CPU time = {ratio:.3f} '
           f'(95% interval {interval[0]:.3f}-{interval[1]:.3f}); the paper\'s expected depth bounds the block '
