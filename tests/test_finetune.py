@@ -161,25 +161,26 @@ def test_resume_with_another_starting_point_is_refused(export, tmp_path, capsys)
 # ------------------------------------------------------------------------------------------------------------
 # Clear errors
 # ------------------------------------------------------------------------------------------------------------
-def _error(capsys, *extra: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        cifar.main(SYNTHETIC + ['--output-dir', '/nonexistent/never-written', *extra])
+def _error(capsys, out: Path, *extra: str) -> str:
+    with pytest.raises(SystemExit) as info:  # out: the test's own folder (a shared path collides across runs)
+        cifar.main(SYNTHETIC + ['--output-dir', str(out), *extra])
     assert info.value.code not in (0, None)
     return capsys.readouterr().err + str(info.value.code)
 
 
 def test_unknown_tag_missing_file_and_wrong_architecture_are_named(export, tmp_path, capsys):
-    err = _error(capsys, '--pretrained', 'sd_resnet20_cifar.no_such_tag')
+    out = tmp_path / 'never-written'
+    err = _error(capsys, out, '--pretrained', 'sd_resnet20_cifar.no_such_tag')
     assert 'no_such_tag' in err and 'sd_resnet20_cifar.fashion_mnist' in err  # what exists instead
-    err = _error(capsys, '--pretrained', 'no_such_model_or_tag')
+    err = _error(capsys, out, '--pretrained', 'no_such_model_or_tag')
     assert 'neither a registered model or tag' in err
-    err = _error(capsys, '--pretrained', str(tmp_path / 'missing' / 'model.safetensors'))
+    err = _error(capsys, out, '--pretrained', str(tmp_path / 'missing' / 'model.safetensors'))
     assert 'no such file or folder' in err and str(tmp_path / 'missing') in err
-    err = _error(capsys, '--pretrained', str(export), '--model', 'sd_resnet32_cifar')
+    err = _error(capsys, out, '--pretrained', str(export), '--model', 'sd_resnet32_cifar')
     assert 'holds sd_resnet20_cifar weights, not sd_resnet32_cifar' in err
     save_file(timm.create_model('sd_resnet32_cifar').state_dict(), str(tmp_path / 'r32.safetensors'))
-    err = _error(capsys, '--pretrained', str(tmp_path / 'r32.safetensors'), '--model', 'sd_resnet20_cifar')
+    err = _error(capsys, out, '--pretrained', str(tmp_path / 'r32.safetensors'), '--model', 'sd_resnet20_cifar')
     assert 'do not match sd_resnet20_cifar' in err and 'unexpected keys' in err
-    err = _error(capsys, '--pretrained', str(tmp_path / 'r32.safetensors'))
+    err = _error(capsys, out, '--pretrained', str(tmp_path / 'r32.safetensors'))
     assert 'pass --model' in err
-    assert 'give --pretrained' in _error(capsys)  # a fine-tuning preset without weights
+    assert 'give --pretrained' in _error(capsys, out)  # a fine-tuning preset without weights
