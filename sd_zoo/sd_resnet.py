@@ -61,17 +61,22 @@ torch.fx.wrap('gated_forward')
 # draw, block index and scale would be a guard and a recompile. So the blocks run behind a graph break: the stem
 # and the head are compiled, and the blocks run in one of two ways (``StochasticDepth.compile_blocks``):
 #
-# * 'eager' (default): the blocks run as in eager mode. Measured on CPU (benchmarks/README.md), inductor's code
-#   for a block is slower than eager's oneDNN kernels, and this path is the fastest compiled one there.
-# * 'regions': each kept block's :meth:`_SDBlock.kept` is compiled as a region that every block of the same
-#   shape reuses (its scale is a 0-d tensor and it reads no block index, so no draw, block or scale value makes
-#   it recompile); one compiled variant per block shape.
+# * 'regions' (default): each kept block's :meth:`_SDBlock.kept_sum` (the block up to its last activation) is
+#   compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it reads no
+#   block index, so no draw, block or scale value makes it recompile); one compiled variant per block shape.
+# * 'eager': the blocks run as in eager mode.
 #
 # Either way a dropped block runs :meth:`_SDBlock.skip` eagerly and its branch not at all.
+#
+# A ReLU whose output leaves a compiled graph runs eagerly (in place), the stem's included: compiled, the graph saves
+# the ReLU's backward mask as a bool tensor, and inductor's CPU code reads and writes bool tensors about 10x slower
+# than eager (torch 2.14; benchmarks/README.md, "torch.compile"). Inside a graph the ReLU's output feeds the next
+# convolution, which saves it anyway, and no mask is made.
 
 
 def compiled_gated_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
-    """The training forward of ``model``'s blocks under ``torch.compile``: one graph break for all of them."""
+    """The training forward of ``model``'s blocks under ``torch.compile``, from the stem's BatchNorm output (the
+    stem's activation and pooling run eagerly): one graph break for all of them."""
     if model.stochastic_depth.compile_blocks == 'regions':
         return _regional_blocks(model, x)
     return _eager_blocks(model, x)
@@ -79,6 +84,7 @@ def compiled_gated_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable
 def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
+    x = model.maxpool(model.act1(x))
     for block in model.sd_blocks():
         x = gated_forward(block, x)
     return x
@@ -86,6 +92,7 @@ def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept) are compiled
 def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
+    x = _eager_stem_out(model, x)
     for block in model.sd_blocks():
         x = _regional_forward(block, x)
     return x
@@ -98,8 +105,8 @@ def _regional_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
         return _eager_skip(block, x)
     maybe_mark_dynamic(x, 0)  # the last, smaller batch of an epoch reuses the regions
     if block.grad_checkpointing and torch.is_grad_enabled():
-        return checkpoint(block.kept, x, scale, use_reentrant=False)
-    return block.kept(x, scale)
+        return _eager_act(block, checkpoint(block.kept_sum, x, scale, use_reentrant=False))
+    return _eager_act(block, block.kept_sum(x, scale))
 
 
 def compiled_gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +131,16 @@ def _eager_gate(block: '_SDBlock', x: torch.Tensor) -> Union[float, torch.Tensor
 @torch.compiler.disable
 def _eager_skip(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
     return block.skip(x)
+
+
+@torch.compiler.disable
+def _eager_act(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
+    return block.act_out(x)
+
+
+@torch.compiler.disable
+def _eager_stem_out(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
+    return model.maxpool(model.act1(x))
 
 
 class _SDBlock(nn.Module):
@@ -156,14 +173,18 @@ class _SDBlock(nn.Module):
         return self.kept(x, scale)
 
     def kept(self, x: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
-        """A kept block whose branch is scaled by one number: a float, or a 0-d tensor (the region that
-        ``torch.compile`` compiles with ``compile_blocks='regions'``: a tensor is not specialized on).
+        """A kept block whose branch is scaled by one number: a float, or a 0-d tensor."""
+        return self.act_out(self.kept_sum(x, scale))
+
+    def kept_sum(self, x: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``shortcut(x) + scale * branch(x)``, before the last activation: the region that ``torch.compile``
+        compiles with ``compile_blocks='regions'`` (a 0-d tensor scale is not specialized on).
 
         The scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place add, as in
         timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no extra pass over the
         activations for the scale, neither forward nor backward."""
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.act_out(self.branch(x, scale).add_(shortcut))
+        return self.branch(x, scale).add_(shortcut)
 
     def skip(self, x: torch.Tensor) -> torch.Tensor:
         """The output of the dropped block: its branch is not computed."""
@@ -544,12 +565,13 @@ class SDResNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        x = self.bn1(self.conv1(x))
         if torch.jit.is_scripting():
-            return self._stages_scripted(x)
+            return self._stages_scripted(self.maxpool(self.act1(x)))
         sd = self.stochastic_depth
         if self.training and sd.is_active and sd.mode == 'block' and torch.compiler.is_compiling():
-            return compiled_gated_blocks(self, x)  # one graph break for all blocks
+            return compiled_gated_blocks(self, x)  # one graph break for the stem's activation and all blocks
+        x = self.maxpool(self.act1(x))
         for name in self.stage_names:
             x = getattr(self, name)(x)
         return x

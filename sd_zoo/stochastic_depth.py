@@ -35,7 +35,7 @@ MODES = ('block', 'sample', 'off')
 SCALINGS = ('train', 'test')
 SCHEDULES = ('linear', 'uniform')
 DROPPED_GRADS = ('zero', 'none')
-COMPILE_BLOCKS = ('eager', 'regions')
+COMPILE_BLOCKS = ('regions', 'eager')
 
 Schedule = Union[str, Sequence[float]]
 GateScale = Union[float, torch.Tensor]
@@ -135,17 +135,17 @@ class StochasticDepth:
         self.last_active: Optional[List[bool]] = None
         self._scales: List[GateScale] = []
         self._scale_tensors: Dict[Any, List[torch.Tensor]] = {}
-        self.compile_blocks = 'eager'
+        self.compile_blocks = 'regions'
         self._cursor = num_blocks
 
     @property
     def compile_blocks(self) -> str:
-        """How the blocks run under ``torch.compile`` in block mode: ``'eager'`` (default) or ``'regions'``.
+        """How the blocks run under ``torch.compile`` in block mode: ``'regions'`` (default) or ``'eager'``.
 
         Either way the gates stay in Python behind one graph break, so no draw, block index or scale value makes
-        dynamo recompile, and a dropped block's branch is not run; ``'eager'`` runs the gated blocks eagerly
-        (the stem and head are compiled), ``'regions'`` compiles each kept block as a region shared by all blocks
-        of its shape. Which is faster depends on the device: see the README's recommendation per situation.
+        dynamo recompile, and a dropped block's branch is not run; ``'regions'`` compiles each kept block as a
+        region shared by all blocks of its shape (one compile per block shape), ``'eager'`` runs the gated blocks
+        eagerly (the stem and head are compiled). See the README's recommendation per situation.
         """
         return self._compile_blocks
 

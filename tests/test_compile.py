@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import sd_zoo  # noqa: F401
 
 MODEL = 'sd_resnet20_cifar'
-COMPILE_BLOCKS = ['eager', pytest.param('regions', marks=pytest.mark.slow)]  # regions compile 5 block shapes
+COMPILE_BLOCKS = ['regions', 'eager']  # the default (each kept block a compiled region per shape), and eager blocks
 
 
 def make(compile_blocks: str, seed: int = 3) -> torch.nn.Module:
@@ -86,9 +86,11 @@ def test_compiled_step_runs_no_convolution_of_a_dropped_block(compile_blocks):
     assert min(kepts) < model.stochastic_depth.num_blocks  # some blocks were dropped
 
 
+@pytest.mark.parametrize('checkpointing', [False, True])
 @pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
-def test_compiled_gradients_equal_eager_for_the_same_gates(compile_blocks):
+def test_compiled_gradients_equal_eager_for_the_same_gates(compile_blocks, checkpointing):
     eager = make(compile_blocks)
+    eager.set_grad_checkpointing(checkpointing)
     twin = copy.deepcopy(eager)  # same weights, same gate generator state
     compiled = torch.compile(twin)
     gen = torch.Generator().manual_seed(1)
@@ -107,6 +109,27 @@ def test_compiled_gradients_equal_eager_for_the_same_gates(compile_blocks):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
+def test_compiled_step_saves_no_bool_mask(compile_blocks):
+    """No ReLU's output leaves a compiled graph: such a graph saves a bool mask for the backward, and inductor's CPU
+    code for bool tensors is about 10x slower than eager (benchmarks/README.md, "torch.compile")."""
+    model = make(compile_blocks)
+    compiled = torch.compile(model)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    warm_up(compiled, model, x, y)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(compiled(x), y)
+    loss.backward()
+    assert len(saved) > 10  # the hooks saw the compiled graphs' saved tensors
+    assert not [s for s in saved if s[0] == torch.bool and len(s[1]) == 4], saved
+
+
 def test_compiled_eval_is_one_graph_and_equals_eager():
     model = make('eager').eval()
     x = torch.randn(3, 3, 16, 16)
@@ -120,5 +143,5 @@ def test_compiled_eval_is_one_graph_and_equals_eager():
 
 def test_compile_blocks_must_be_known():
     model = make('eager')
-    with pytest.raises(ValueError, match=r"compile_blocks='fast' is unknown: use one of \('eager', 'regions'\)"):
+    with pytest.raises(ValueError, match=r"compile_blocks='fast' is unknown: use one of \('regions', 'eager'\)"):
         model.stochastic_depth.compile_blocks = 'fast'

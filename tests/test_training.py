@@ -387,7 +387,7 @@ def test_compile_flag_trains_like_eager_and_keeps_plain_keys(tmp_path, capsys):
     recommended for the device, and checkpoints and exports keep the model's own keys (no '_orig_mod.')."""
     eager = run(tmp_path / 'eager', '--epochs', '1')
     compiled = run(tmp_path / 'compiled', '--epochs', '1', '--compile')
-    assert 'torch.compile: on; gated blocks run eager (--compile-blocks auto)' in capsys.readouterr().out
+    assert 'torch.compile: on; gated blocks run regions (--compile-blocks auto)' in capsys.readouterr().out
     assert compiled['settings']['compile'] is True and eager['settings']['compile'] is False
     [e], [c] = (json.loads((tmp_path / n / 'metrics.json').read_text())['epochs'] for n in ('eager', 'compiled'))
     assert c['mean_active_depth'] == e['mean_active_depth']  # the same gates

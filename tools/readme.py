@@ -98,11 +98,10 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
             where = f"{res['model']}, batch {res['batch']}"
             eager = v['sd_zoo block, eager'][f'{clock}_median_s'] / v['constant depth, eager'][f'{clock}_median_s']
             rows.append(f"| CPU, eager ({where}) | block mode (the default) | {eager:.3f}x constant depth, eager |")
-            best = _fastest(v, ['sd_zoo block, eager', 'sd_zoo block, compiled', 'sd_zoo block, compiled regions'],
-                            clock)
             advice = {'sd_zoo block, eager': 'do not compile: eager block mode is faster here',
-                      'sd_zoo block, compiled': '`torch.compile(model)` (`--compile`), gated blocks eager',
-                      'sd_zoo block, compiled regions': "`torch.compile(model)` with `compile_blocks='regions'`"}
+                      'sd_zoo block, compiled': "`torch.compile(model)` (`--compile`; compiled regions, the default)",
+                      'sd_zoo block, compiled, eager blocks': "`torch.compile(model)` with `compile_blocks='eager'`"}
+            best = _fastest(v, list(advice), clock)
             t = res['targets']['block compiled vs constant depth compiled']
             vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
             rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
@@ -119,7 +118,7 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
     for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
         if not (results / name).exists():
             rows.append(f"| {situation} | not measured yet (no GPU here; the GPU check is owed): block mode; "
-                        f"`--compile` keeps the gated blocks eager | - |")
+                        f"`--compile` compiles the kept blocks as regions (the default) | - |")
     return '\n'.join(rows)
 
 

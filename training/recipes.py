@@ -129,19 +129,19 @@ PRESETS.update({
 FINETUNE_PRESETS = ('finetune_small', 'finetune_imagenet')
 
 # --compile-blocks auto: what benchmarks/compile.py measured fastest on each device type (README, "Compile or
-# not"). CPU: eager blocks (inductor's code for a block was slower than eager's oneDNN kernels). CUDA: not yet
-# measured (the GPU check is owed); eager blocks are the safe choice until it is.
-COMPILE_BLOCKS_BY_DEVICE = {'cpu': 'eager', 'cuda': 'eager'}
+# not"). CPU: compiled regions. CUDA: not yet measured (the GPU check is owed); regions, the model's default
+# (inductor fuses a block's element-wise work there as it does on the CPU).
+COMPILE_BLOCKS_BY_DEVICE = {'cpu': 'regions', 'cuda': 'regions'}
 
 
 def resolve_compile_blocks(choice: str, device_type: str) -> str:
     """``--compile-blocks`` for this device: the choice itself, or the recommendation when it is 'auto'."""
-    return COMPILE_BLOCKS_BY_DEVICE.get(device_type, 'eager') if choice == 'auto' else choice
+    return COMPILE_BLOCKS_BY_DEVICE.get(device_type, 'regions') if choice == 'auto' else choice
 
 _CHOICES = {
     'drop_path_schedule': ('linear', 'uniform'), 'drop_path_mode': ('block', 'sample', 'off'),
     'drop_path_scaling': ('train', 'test'), 'dataset': DATASETS, 'mixed_precision': ('no', 'fp16', 'bf16'),
-    'log_with': ('tensorboard', 'none'), 'compile_blocks': ('auto', 'eager', 'regions'),
+    'log_with': ('tensorboard', 'none'), 'compile_blocks': ('auto', 'regions', 'eager'),
 }
 _HELP = {
     'preset': 'paper experiment to start from; every other flag overrides one of its values',
@@ -161,7 +161,7 @@ _HELP = {
     'threads': 'torch.set_num_threads (0 = torch default)',
     'compile': 'torch.compile the model (the gates stay in Python: no recompiles from draws); see the README\'s '
                'recommendation per situation',
-    'compile_blocks': 'with --compile, how the gated blocks run: eager, or compiled regions per block shape '
+    'compile_blocks': 'with --compile, how the gated blocks run: compiled regions per block shape, or eager '
                       '(auto = the measured recommendation for the device, training.recipes.COMPILE_BLOCKS_BY_DEVICE)',
     'max_steps': 'stop (with a checkpoint) after this many optimizer steps in total (0 = no limit)',
     'checkpoint_every': 'also checkpoint every N optimizer steps (0 = at the end of each epoch only)',
