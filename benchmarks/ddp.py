@@ -43,6 +43,7 @@ from benchmarks.common import (
     machine_info,
     machine_line,
     markdown_table,
+    prepare,
     ratio_table,
     reproduce_command,
     write_results,
@@ -109,6 +110,7 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     for label, (mode, dropped_grad, find_unused, compiled) in VARIANTS.items():
         # each rank seeds its gates differently (as timm's train.py does): the first draw broadcasts rank 0's
         model = create_sd(args.model, mode, weights, seed=1234 + rank, num_classes=10, drop_path_grad=dropped_grad)
+        prepare(model, torch.device('cpu'), args.channels_last)
         sds[label] = model.stochastic_depth
         ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
         steps[label] = TrainStep(torch.compile(ddp) if compiled else ddp, torch.empty(0), torch.empty(0),
@@ -116,6 +118,8 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_per_rank, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (args.batch_per_rank,), generator=gen)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     for step in steps.values():
         step.x, step.y = x, y
     mismatches: List[int] = []
@@ -127,7 +131,8 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
             mismatches.append(sum(g != gathered[0] for g in gathered))
         dist.barrier()  # every timed step starts with the ranks aligned
 
-    times = alternate(steps, args.reps, warmup=1, after_each=after_each)
+    # three warm-up steps: a compiled block shape is compiled the first time one of its blocks is kept
+    times = alternate(steps, args.reps, warmup=3, after_each=after_each)
     slowest = {}
     for clock, by_name in times.items():  # a DDP step lasts as long as its slowest rank
         slowest[clock] = {}
@@ -154,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                for name, num, den, target in TARGETS}
     payload = {'machine': info, 'command': reproduce_command('ddp', argv), 'model': args.model,
                'batch_per_rank': args.batch_per_rank, 'world_size': args.world_size, 'reps': args.reps,
-               'clock': args.clock, 'flush_denormal': args.flush_denormal,
+               'clock': args.clock, 'flush_denormal': args.flush_denormal, 'channels_last': args.channels_last,
                'threads_per_rank': max(1, (os.cpu_count() or 1) // args.world_size), 'variants': table,
                'targets': targets, **measured}
     other = 'wall' if args.clock == 'cpu' else 'cpu'
@@ -162,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
              f"{v[f'{args.clock}_median_s']:.3f}"] for label, v in table.items()]
     markdown = (f"Measured on {machine_line(info)}.\n\nReproduce: `{payload['command']}`\n\n"
                 f"**DDP, {args.world_size} CPU processes (gloo)**, {args.model}, {args.batch_per_rank} images "
-                f"per rank, {payload['threads_per_rank']} torch thread(s) per rank, median of {args.reps} "
+                f"per rank{', channels_last' if args.channels_last else ''}, {payload['threads_per_rank']} torch thread(s) "
+                f"per rank, median of {args.reps} "
                 f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step\n\n"
                 + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
                                   f'({other} time)', f'median {args.clock} s (this machine)'], rows)
