@@ -110,6 +110,31 @@ def test_compiled_gradients_equal_eager_for_the_same_gates(compile_blocks, check
 
 
 @pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
+def test_compiled_features_only_model_trains_like_eager(compile_blocks):
+    """timm's features_only wrapper runs the blocks one by one: each gets the same compiled treatment."""
+    torch.manual_seed(0)
+    eager = timm.create_model(MODEL, features_only=True, drop_path_seed=3)
+    sd = next(m.stochastic_depth for m in eager.modules() if hasattr(m, 'stochastic_depth'))
+    sd.compile_blocks = compile_blocks
+    twin = copy.deepcopy(eager)
+    twin_sd = next(m.stochastic_depth for m in twin.modules() if hasattr(m, 'stochastic_depth'))
+    compiled = torch.compile(twin)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 3, 16, 16, generator=gen)
+        eager.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        sum(f.sum() for f in eager(x)).backward()
+        sum(f.sum() for f in compiled(x)).backward()
+        assert sd.last_active == twin_sd.last_active
+        for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:  # summed feature maps: gradients of order 1, float32 reduction order differs
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3, msg=lambda m: f'{name}: {m}')
+    assert not all(sd.last_active)
+
+
+@pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
 def test_compiled_step_saves_no_bool_mask(compile_blocks):
     """No ReLU's output leaves a compiled graph: such a graph saves a bool mask for the backward, and inductor's CPU
     code for bool tensors is about 10x slower than eager (benchmarks/README.md, "torch.compile")."""
