@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import os
 import shutil
 import tempfile
@@ -28,16 +27,24 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .load_errors import PretrainedWeightsError, explain_load_errors
+from .load_errors import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    IntegrityError,
+    PretrainedWeightsError,
+    expected_sha256,
+    explain_load_errors,
+    file_sha256,
+    verify_file,
+    verify_loaded_weights,
+)
 
 __all__ = [
     'PretrainedWeightsError', 'export_model', 'load_weights', 'check_keys', 'create_model', 'explain_load_errors',
     'write_text_atomic', 'ExportTargetError', 'check_export_target', 'IntegrityError', 'file_sha256', 'verify_file',
-    'expected_sha256',
+    'expected_sha256', 'verify_loaded_weights',
 ]
 
-WEIGHTS_FILE = 'model.safetensors'
-CONFIG_FILE = 'config.json'
 CARD_FILE = 'README.md'
 
 
@@ -162,60 +169,10 @@ def export_model(
     return Path(out_dir)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Integrity: sha256 of weight files, recorded at export and checked on load
-# ------------------------------------------------------------------------------------------------------------
-class IntegrityError(PretrainedWeightsError):
-    """A file's sha256 differs from the one recorded for it: its bytes changed after it was written."""
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def card_with_checksums(card: str, files: Dict[str, Dict[str, Any]]) -> str:
     rows = '\n'.join(f'| `{name}` | {info["bytes"]:,} | `{info["sha256"]}` |' for name, info in sorted(files.items()))
     return (card.rstrip('\n') + '\n\n## Files\n\nsd_zoo checks the sha256 of the weights when it loads them.\n\n'
             '| file | bytes | sha256 |\n|---|---|---|\n' + rows + '\n')
-
-
-def expected_sha256(path: Union[str, Path]) -> Optional[str]:
-    """The sha256 recorded for a weights file: in the ``config.json`` beside it (``sd_zoo.files``), or, for a
-    Hugging Face cache snapshot, the name of the LFS blob the file links to. None when nothing is recorded."""
-    import json
-    import re
-    path = Path(path)
-    config = path.parent / CONFIG_FILE
-    if config.is_file():
-        try:
-            recorded = json.loads(config.read_text(encoding='utf-8')).get('sd_zoo', {}).get('files', {})
-        except (OSError, ValueError, AttributeError):
-            recorded = {}
-        if isinstance(recorded, dict) and isinstance(recorded.get(path.name), dict):
-            return recorded[path.name].get('sha256')
-    blob = path.resolve()
-    if blob.parent.name == 'blobs' and re.fullmatch(r'[0-9a-f]{64}', blob.name):
-        return blob.name
-    return None
-
-
-def verify_file(path: Union[str, Path], expected: Optional[str] = None) -> bool:
-    """Check ``path`` against ``expected`` (or :func:`expected_sha256`); True if verified, False if nothing is
-    recorded (unverified, accepted); :class:`IntegrityError` on a mismatch."""
-    path = Path(path)
-    expected = expected or expected_sha256(path)
-    if not expected:
-        return False
-    actual = file_sha256(path)
-    if actual != expected:
-        raise IntegrityError(
-            f'{path} is corrupted: its sha256 is {actual}, {expected} was recorded when it was written. Delete it '
-            f'and download or export it again (for a Hub file: remove it from the cache, `hf cache delete`)')
-    return True
 
 
 def _version() -> str:
@@ -292,22 +249,6 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     import timm
     with explain_load_errors(model_name):
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    if pretrained:
-        verify_loaded_weights(model)
+    if pretrained and not model.pretrained_cfg.get('architecture', '').startswith('sd_'):
+        verify_loaded_weights(model)  # sd_ entrypoints check their weights themselves (sd_resnet._create_sd_resnet)
     return model
-
-
-def verify_loaded_weights(model: nn.Module) -> Optional[Path]:
-    """Check the sha256 of the file ``model``'s pretrained weights came from (a local file, or the Hub cache's
-    copy); return the file when a recorded sha256 matched, None when nothing was recorded (unverified)."""
-    from huggingface_hub import try_to_load_from_cache
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    candidates = [Path(cfg['file'])] if cfg.get('file') else []
-    if cfg.get('hf_hub_id'):
-        repo_id, _, revision = cfg['hf_hub_id'].partition('@')
-        cached = try_to_load_from_cache(repo_id, cfg.get('hf_hub_filename') or WEIGHTS_FILE, revision=revision or None)
-        candidates += [Path(cached)] if isinstance(cached, str) else []
-    for path in candidates:
-        if path.is_file() and verify_file(path):
-            return path
-    return None

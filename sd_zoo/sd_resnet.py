@@ -25,7 +25,7 @@ from torch import nn
 from torch._dynamo import maybe_mark_dynamic
 from torch.utils.checkpoint import checkpoint
 
-from .load_errors import explain_load_errors
+from .load_errors import explain_load_errors, verify_loaded_weights
 from .stochastic_depth import GateScale, Schedule, StochasticDepth, track_scaling, zero_grads_for
 
 __all__ = ['SDResNet', 'SDBasicBlock', 'SDBottleneck']
@@ -602,6 +602,8 @@ def _create_sd_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     tag = kwargs.get('pretrained_cfg')
     with explain_load_errors(f'{variant}.{tag}' if isinstance(tag, str) and tag else variant):
         model = build_model_with_cfg(SDResNet, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    if pretrained:
+        verify_loaded_weights(model)  # the file's sha256 against the one recorded at export (or the Hub blob's name)
     return track_scaling(model) if hasattr(model, 'stochastic_depth') else model  # features_only: no state of it
 
 

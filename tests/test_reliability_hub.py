@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 import sd_zoo  # noqa: F401
 from sd_zoo import cli, hub, publishing
@@ -124,6 +125,24 @@ def test_flipped_byte_in_hub_cache_is_refused(tmp_path, small_export, monkeypatc
     flip_byte(cached)
     with pytest.raises(hub.IntegrityError, match='corrupted'):
         hub.create_model(f'hf-hub:{REPO}', pretrained=True)
+
+
+def test_plain_timm_create_model_checks_the_sha256_too(tmp_path, small_export, monkeypatch):
+    """timm.create_model itself (no sd_zoo loader around it) refuses weights whose bytes changed: the sd_
+    entrypoint checks the file it loaded."""
+    cache = tmp_path / 'cache'
+    oid = publishing.publish(small_export, REPO, api=publishing.LocalHubCache(cache))
+    offline(monkeypatch, cache)
+    cached = cache / f'models--{REPO.replace("/", "--")}' / 'snapshots' / oid / 'model.safetensors'
+    reference = timm.create_model(f'hf-hub:{REPO}', pretrained=True)
+    flip_byte(cached)
+    with pytest.raises(hub.IntegrityError, match=r'model.safetensors is corrupted: its sha256 is [0-9a-f]{64}'):
+        timm.create_model(f'hf-hub:{REPO}', pretrained=True)
+    with pytest.raises(hub.IntegrityError, match='corrupted'):
+        timm.create_model(f'hf-hub:{REPO}', pretrained=True, features_only=True)
+    # the check is on the bytes: the same file, still readable, loads different weights without it
+    changed = load_file(str(cached))
+    assert any(not torch.equal(changed[k], v) for k, v in reference.state_dict().items() if k in changed)
 
 
 def test_lfs_blob_name_is_the_sha256_checked(tmp_path, small_export, monkeypatch):

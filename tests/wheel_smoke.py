@@ -144,12 +144,15 @@ def loading_and_export() -> None:
     weights = out / 'model.safetensors'
     assert hub.expected_sha256(weights) == hub.file_sha256(weights) and hub.verify_file(weights) is True
     assert 'corrupted' in raises(hub.IntegrityError, lambda: hub.verify_file(weights, '0' * 64))
+    assert load_errors.expected_sha256(weights) == load_errors.file_sha256(weights) and load_errors.verify_file(weights)
+    assert 'corrupted' in raises(load_errors.IntegrityError, lambda: load_errors.verify_file(weights, '0' * 64))
     hub.check_export_target(out)  # a previous export may be replaced
     assert '--overwrite' in raises(hub.ExportTargetError, lambda: hub.check_export_target(WORK / 'atomic'))
     use(hub, 'export_model', 'load_weights', 'check_keys', 'PretrainedWeightsError', 'create_model',
         'explain_load_errors', 'write_text_atomic', 'ExportTargetError', 'check_export_target', 'IntegrityError',
         'file_sha256', 'verify_file', 'expected_sha256')
-    use(load_errors, 'PretrainedWeightsError', 'explain_load_errors', 'available_weights')
+    use(load_errors, 'PretrainedWeightsError', 'explain_load_errors', 'available_weights', 'IntegrityError',
+        'file_sha256', 'verify_file', 'expected_sha256')
 
 
 def publishing_and_cli() -> None:
@@ -159,6 +162,10 @@ def publishing_and_cli() -> None:
     from safetensors.torch import load_file
     expected = load_file(str(EXPORT / 'model.safetensors'))
     assert len(commit) == 40 and all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    # this export predates recorded sha256s and the local cache keeps no blobs: accepted, unverified (None)
+    assert hub.verify_loaded_weights(model) is None and load_errors.verify_loaded_weights(model) is None
+    use(hub, 'verify_loaded_weights')
+    use(load_errors, 'verify_loaded_weights')
     upload = publishing.LocalHubCache(WORK / 'other').upload_folder('o/n', str(EXPORT), create_pr=True)
     assert isinstance(upload, publishing.LocalCommit) and upload.pr_revision == 'refs/pr/1'
 
