@@ -90,7 +90,7 @@ def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept) are compiled
+@torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept_sum) are compiled
 def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     x = _eager_stem_out(model, x)
     for block in model.sd_blocks():
