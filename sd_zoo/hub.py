@@ -249,6 +249,7 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     import timm
     with explain_load_errors(model_name):
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    if pretrained and not model.pretrained_cfg.get('architecture', '').startswith('sd_'):
+    architecture = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or ''
+    if pretrained and not architecture.startswith('sd_'):
         verify_loaded_weights(model)  # sd_ entrypoints check their weights themselves (sd_resnet._create_sd_resnet)
     return model

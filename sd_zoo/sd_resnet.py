@@ -84,7 +84,7 @@ def compiled_gated_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable
 def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
-    x = model.maxpool(model.act1(x))
+    x = _eager_stem_out(model, x)
     for block in model.sd_blocks():
         x = gated_forward(block, x)
     return x
