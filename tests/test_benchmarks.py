@@ -179,3 +179,38 @@ def test_dropped_grad_compares_the_same_draws(tmp_path: Path) -> None:
     assert payload['variants'][dropped_grad.BASELINE]['cpu_ratio'] == pytest.approx(1.0)
     assert payload['within_limit'] == (payload['variants'][dropped_grad.ZERO]['cpu_ratio'] <= 1.02)
     assert 'python -m benchmarks.dropped_grad' in (tmp_path / 'dropped_grad_cpu.md').read_text()
+
+
+@pytest.mark.slow
+def test_attempt_cond_gates_match_eager_in_float64() -> None:
+    from benchmarks.attempts import cond_gates
+    torch._dynamo.reset()
+    for way in ('cond', 'saved'):
+        check = cond_gates.check_against_eager(way, blocks=3, channels_last=True)
+        assert check['max_rel_grad_diff'] < 1e-9 and check['max_buffer_diff'] < 1e-9, (way, check)
+
+
+@pytest.mark.slow
+def test_attempt_kept_runs_trains_like_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    import torch.nn.functional as F
+
+    from benchmarks.attempts import kept_runs
+    from sd_zoo import sd_resnet
+    monkeypatch.setattr(sd_resnet, 'compiled_gated_blocks', kept_runs._dispatch)
+    torch._dynamo.reset()
+    kept_runs.RUN_LENGTHS.clear()
+    torch.manual_seed(0)
+    eager = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
+    grouped = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
+    grouped.load_state_dict(eager.state_dict())
+    grouped.kept_run_max = 3
+    compiled = torch.compile(grouped)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    for _ in range(3):  # new draws each step, the same in both models
+        F.cross_entropy(eager(x), y).backward()
+        F.cross_entropy(compiled(x), y).backward()
+        assert grouped.stochastic_depth.last_active == eager.stochastic_depth.last_active
+    for (name, a), b in zip(grouped.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert max(kept_runs.RUN_LENGTHS) > 1, kept_runs.RUN_LENGTHS  # blocks did run several to a region
