@@ -205,6 +205,8 @@ _R110_NOTES = (
     'Pre-registered comparison on a 5,000-image class-balanced subset without augmentation, 24 epochs, one seed: '
     'stochastic depth 20.25% test error at the best-validation epoch, constant depth 16.84% (+3.41 points: by the '
     'protocol\'s rule, stochastic depth hurt here); training-time ratio 0.785 (S / C, measured inside the runs). '
+    'A second seed per arm, run later (weights not published): 19.27% against 16.63% (+2.64 points), ratio 0.743; '
+    'mean difference over the two seeds +3.03 points, the same verdict. '
     'The project README (section "The paper\'s network") says what this means against the paper\'s numbers.',
     'Peak lr 0.02 and zero-initialised last BatchNorms instead of the paper\'s lr 0.1 and He initialisation: with '
     'those, both arms diverged on this small set (protocol amendments 1-3).',

@@ -23,7 +23,8 @@ def run_label(metrics: Dict) -> str:
     run = metrics.get('run', {})
     rate = run.get('drop_path_rate', 0.0)
     kind = 'constant depth' if not rate or run.get('drop_path_mode') == 'off' else f'stochastic depth (p_L={1 - rate:g})'
-    return f"{run.get('model', '?')}, {kind}"
+    seed = f", seed {run['seed']}" if 'seed' in run else ''
+    return f"{run.get('model', '?')}, {kind}{seed}"
 
 
 def _save(fig, out_png: os.PathLike) -> None:
@@ -54,7 +55,7 @@ def plot_test_error(runs: Sequence[Dict], out_png: os.PathLike, title: Optional[
     ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
     ax.set_title(title or runs[0].get('run', {}).get('dataset', ''))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc='upper right', fontsize='small')  # error curves fall: their upper right is empty
     _save(fig, out_png)
     plt.close(fig)
 
@@ -71,6 +72,6 @@ def plot_first_conv_grad(runs: Sequence[Dict], out_png: os.PathLike) -> None:
     ax.set_xlabel('epoch')
     ax.set_ylabel('mean |grad| of the first conv layer')
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize='small')
     _save(fig, out_png)
     plt.close(fig)
