@@ -214,3 +214,13 @@ def test_attempt_kept_runs_trains_like_eager(monkeypatch: pytest.MonkeyPatch) ->
     for (name, a), b in zip(grouped.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert max(kept_runs.RUN_LENGTHS) > 1, kept_runs.RUN_LENGTHS  # blocks did run several to a region
+
+
+def test_committed_summary_is_rendered_from_the_committed_results(tmp_path: Path) -> None:
+    import shutil
+    results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+    for path in results.glob('*.json'):
+        shutil.copy(path, tmp_path / path.name)
+    rendered = report.main(['--out', str(tmp_path)])
+    assert rendered == (results / 'summary_cpu.md').read_text(), \
+        'benchmarks/results/summary_cpu.md is stale: run `python -m benchmarks.report`, then `python -m tools.readme`'

@@ -29,3 +29,17 @@ def test_a_record_that_drifts_from_its_run_is_reported():
 def test_committed_cards_and_records_pass_the_check(capsys):
     assert cards.main(['--check']) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.strip() == 'stale: none'
+
+
+def test_recommendation_keeps_the_default_unless_another_way_is_clearly_faster():
+    import random
+
+    from tools.readme import _recommended
+    rng = random.Random(0)
+    default = [1.0 + rng.gauss(0, 0.1) for _ in range(31)]
+    times = {'default': default,
+             'within noise': [t * 0.98 + rng.gauss(0, 0.1) for t in default],  # 2% faster, 10% noise per step
+             'clearly': [t * 0.7 for t in default],
+             'slower': [t * 1.3 for t in default]}
+    assert _recommended(times, 'default', ['within noise', 'slower']) == 'default'
+    assert _recommended(times, 'default', ['within noise', 'clearly', 'slower']) == 'clearly'

@@ -17,7 +17,8 @@ from typing import Callable, Dict, Optional, Sequence
 import timm
 import torch
 
-from benchmarks.train_step import format_ratio
+from benchmarks.common import median
+from benchmarks.train_step import format_ratio, ratio_interval
 from sd_zoo.cards import readme_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,13 +83,18 @@ def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'summary_cpu.
     return path.read_text().strip() if path.exists() else '_No benchmark results are committed yet._'
 
 
-def _fastest(variants: Dict[str, Dict], labels: Sequence[str], clock: str) -> str:
-    return min(labels, key=lambda label: variants[label][f'{clock}_median_s'])
+def _recommended(times: Dict[str, Sequence[float]], default: str, others: Sequence[str]) -> str:
+    """``default`` unless another variant is faster beyond the noise of the run: the 95% bootstrap interval of its
+    median time over the default's lies wholly below 1 (the fastest such variant wins). A recommendation must not
+    flip between two runs on a difference the run cannot resolve."""
+    clearly = [o for o in others if ratio_interval(times, o, default, 2000)[1] < 1.0]
+    return min(clearly, key=lambda o: median(times[o])) if clearly else default
 
 
 def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> str:
     """One recommendation per situation (mode, and whether to compile), chosen from the measured results files:
-    the fastest measured variant wins; a situation without a results file says that it is not measured."""
+    the project's default way unless another measured variant is clearly faster (:func:`_recommended`); a situation
+    without a results file says that it is not measured."""
     rows = ['| situation | recommendation | measured (ratio of medians, 95% interval) |', '|---|---|---|']
     comp_path, ddp_path = results / 'compile_cpu.json', results / 'ddp_cpu.json'
     if comp_path.exists():
@@ -101,7 +107,7 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
             advice = {'sd_zoo block, eager': 'do not compile: eager block mode is faster here',
                       'sd_zoo block, compiled': "`torch.compile(model)` (`--compile`; compiled regions, the default)",
                       'sd_zoo block, compiled, eager blocks': "`torch.compile(model)` with `compile_blocks='eager'`"}
-            best = _fastest(v, list(advice), clock)
+            best = _recommended(res['times_s'][clock], 'sd_zoo block, compiled', list(advice)[0:1] + list(advice)[2:])
             t = res['targets']['block compiled vs constant depth compiled']
             vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
             rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
@@ -112,7 +118,7 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
         advice = {'sd_zoo block': "block mode under plain DDP (`drop_path_grad='zero'`, the default), not compiled",
                   'sd_zoo block, compiled': '`torch.compile(DDP(model))` (`--compile`)',
                   'sd_zoo block, find_unused_parameters': "`drop_path_grad='none'` with `find_unused_parameters`"}
-        best = _fastest(v, [label for label in advice if label in v], clock)
+        best = _recommended(ddp['times_s'][clock], 'sd_zoo block', [label for label in list(advice)[1:] if label in v])
         measured = '; '.join(f"{name}: {format_ratio(t)}, {t['verdict']}" for name, t in ddp.get('targets', {}).items())
         rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}) | {advice[best]} | {measured} |")
     for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
