@@ -43,3 +43,34 @@ def test_recommendation_keeps_the_default_unless_another_way_is_clearly_faster()
              'slower': [t * 1.3 for t in default]}
     assert _recommended(times, 'default', ['within noise', 'slower']) == 'default'
     assert _recommended(times, 'default', ['within noise', 'clearly', 'slower']) == 'clearly'
+
+
+def _resnet110_report():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'results' / 'fashion_mnist_resnet110' / 'report.py'
+    spec = importlib.util.spec_from_file_location('resnet110_report', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resnet110_summary_is_rendered_from_its_run_folders():
+    report = _resnet110_report()
+    runs = {seed: {arm: report.load(arm, seed) for arm, _ in report.ARMS} for seed in report.seeds_present()}
+    assert sorted(runs) == [0, 1]
+    assert report.markdown(report.summary(runs)) == (report.HERE / 'SUMMARY.md').read_text(), \
+        'results/fashion_mnist_resnet110/SUMMARY.md is stale: run its report.py, then `python -m tools.readme`'
+
+
+def test_resnet110_seeds_differ_only_in_the_seed():
+    """What the experiment's README.md ("Deviations") says of seed 1: the same recipe and data as seed 0."""
+    report = _resnet110_report()
+    allowed = {'seed', 'output_dir', 'progress', 'compile', 'compile_blocks'}  # compile: options added later, off
+    for arm, _ in report.ARMS:
+        first, second = (report.load(arm, seed)['results'] for seed in (0, 1))
+        changed = {k for k in first['settings'].keys() | second['settings'].keys()
+                   if first['settings'].get(k) != second['settings'].get(k)}
+        assert changed <= allowed and second['settings']['seed'] == 1, (arm, changed)
+        assert second['settings'].get('compile') is False
+        assert first['data'] == second['data'] and second['status'] == 'completed'

@@ -110,6 +110,9 @@ def markdown(s: Dict[str, Any]) -> str:
 
 def main() -> Dict[str, Any]:
     runs = {seed: {arm: load(arm, seed) for arm, _ in ARMS} for seed in seeds_present()}
+    if not runs:
+        raise SystemExit(f'no seed has both run folders with a results.json in {HERE} (stochastic/, constant/): '
+                         'run the two arms of PROTOCOL.md first')
     s = summary(runs)
     (HERE / 'SUMMARY.md').write_text(markdown(s))
     (HERE / 'summary.json').write_text(json.dumps(s, indent=1) + '\n')
