@@ -107,7 +107,8 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
             advice = {'sd_zoo block, eager': 'do not compile: eager block mode is faster here',
                       'sd_zoo block, compiled': "`torch.compile(model)` (`--compile`; compiled regions, the default)",
                       'sd_zoo block, compiled, eager blocks': "`torch.compile(model)` with `compile_blocks='eager'`"}
-            best = _recommended(res['times_s'][clock], 'sd_zoo block, compiled', list(advice)[0:1] + list(advice)[2:])
+            default = 'sd_zoo block, compiled'
+            best = _recommended(res['times_s'][clock], default, [label for label in advice if label != default])
             t = res['targets']['block compiled vs constant depth compiled']
             vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
             rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
@@ -118,7 +119,8 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
         advice = {'sd_zoo block': "block mode under plain DDP (`drop_path_grad='zero'`, the default), not compiled",
                   'sd_zoo block, compiled': '`torch.compile(DDP(model))` (`--compile`)',
                   'sd_zoo block, find_unused_parameters': "`drop_path_grad='none'` with `find_unused_parameters`"}
-        best = _recommended(ddp['times_s'][clock], 'sd_zoo block', [label for label in list(advice)[1:] if label in v])
+        default = 'sd_zoo block'
+        best = _recommended(ddp['times_s'][clock], default, [label for label in advice if label != default and label in v])
         measured = '; '.join(f"{name}: {format_ratio(t)}, {t['verdict']}" for name, t in ddp.get('targets', {}).items())
         rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}) | {advice[best]} | {measured} |")
     for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):

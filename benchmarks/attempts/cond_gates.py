@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -43,7 +42,7 @@ from benchmarks.common import (
     reproduce_command,
     write_results,
 )
-from benchmarks.train_step import percentile
+from benchmarks.train_step import paired_ratio
 
 aten = torch.ops.aten
 EPS = 1e-5
@@ -243,13 +242,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def paired(times: Dict[str, List[float]], num: str, den: str, resamples: int) -> List[float]:
-    ratios = [a / b for a, b in zip(times[num], times[den])]
-    rng = random.Random(0)
-    boot = [median([rng.choice(ratios) for _ in ratios]) for _ in range(resamples)]
-    return [median(ratios), percentile(boot, 2.5), percentile(boot, 97.5)]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
@@ -287,12 +279,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     base, ext_base = median(times['constant depth']), median(extreme_times['constant depth'])
     rows = []
     for name in ways:
-        pr = paired(times, name, 'regions', args.bootstrap) if name not in ('constant depth', 'regions') else None
+        pr = paired_ratio(times, name, 'regions', args.bootstrap) if name not in ('constant depth', 'regions') else None
         kept = extreme_times.get(f'{name}, all kept')
         none = extreme_times.get(f'{name}, none kept')
         check = checks.get({'cond': 'cond', 'cond, saved intermediates': 'saved'}.get(name, ''), {})
         rows.append([name, f'{median(times[name]) / base:.3f}x',
-                     f'{pr[0]:.3f}x [{pr[1]:.3f}, {pr[2]:.3f}]' if pr else '-',
+                     f"{pr['ratio']:.3f}x [{pr['interval_95'][0]:.3f}, {pr['interval_95'][1]:.3f}]" if pr else '-',
                      f'{median(kept) / ext_base:.3f}x' if kept else '-',
                      f'{median(none) / ext_base:.3f}x' if none else '-',
                      f"{check['max_rel_grad_diff']:.1e} / {check['max_buffer_diff']:.1e}" if check else '-'])

@@ -17,7 +17,6 @@ Constant depth compiled is timed alongside. Nothing here changes the package: th
 from __future__ import annotations
 
 import argparse
-import random
 import types
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -40,7 +39,7 @@ from benchmarks.common import (
     reproduce_command,
     write_results,
 )
-from benchmarks.train_step import percentile, target_check
+from benchmarks.train_step import paired_ratio, target_check
 
 BASELINE = 'constant depth, compiled'
 
@@ -113,14 +112,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def paired(times: Dict[str, List[float]], num: str, den: str, resamples: int) -> Dict[str, Any]:
-    """Median of the per-round ratios num / den (same draw in a round) and its 95% bootstrap interval."""
-    ratios = [a / b for a, b in zip(times[num], times[den])]
-    rng = random.Random(0)
-    boot = [median([rng.choice(ratios) for _ in ratios]) for _ in range(resamples)]
-    return {'ratio': median(ratios), 'interval_95': [percentile(boot, 2.5), percentile(boot, 97.5)]}
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
@@ -147,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         entry = {'median_s': median(times[name]),
                  'vs_constant': target_check(times, name, BASELINE, 0.80, args.bootstrap)}
         if name not in (BASELINE, reference):
-            entry['paired_vs_regions'] = paired(times, name, reference, args.bootstrap)
+            entry['paired_vs_regions'] = paired_ratio(times, name, reference, args.bootstrap)
         result['per_variant'][name] = entry
         vs_c = entry['vs_constant']
         pr = entry.get('paired_vs_regions')
