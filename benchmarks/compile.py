@@ -47,6 +47,7 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.train_step import target_check, targets_markdown
+from sd_zoo.sd_resnet import reset_compiled_regions
 
 BASELINE = 'constant depth, compiled'
 BLOCK = 'sd_zoo block, compiled'  # torch.compile(model): the default compile_blocks='regions'
@@ -87,6 +88,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def explain_graphs(model: nn.Module, x: torch.Tensor) -> Dict[str, Any]:
     """Graph and graph-break count of one training forward under dynamo (no code generation)."""
     torch._dynamo.reset()
+    reset_compiled_regions()
     explanation = torch._dynamo.explain(model.train())(x)
     reasons = [str(getattr(b, 'reason', b)).split('\n')[0][:160] for b in explanation.break_reasons]
     return {'graphs': explanation.graph_count, 'graph_breaks': explanation.graph_break_count,
@@ -132,6 +134,7 @@ def measure_config(model_name: str, batch: int, args: argparse.Namespace, device
     y = torch.randint(0, 10, (batch,), device=device)
     weights = create_sd(model_name, 'off', num_classes=10).state_dict()
     torch._dynamo.reset()
+    reset_compiled_regions()
     steps, warm = {}, {}
     for variant in VARIANTS:
         steps[variant] = TrainStep(build_model(model_name, variant, weights, device, args.channels_last), x, y,

@@ -10,8 +10,9 @@ from ``resnet50/101/152`` and evaluate to the same outputs.
 Unlike a mask-multiply drop path, a residual block dropped in ``block`` mode does not run its branch at all:
 the saving in training time is real. The rule itself lives in :mod:`sd_zoo.stochastic_depth`.
 """
+import types
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.fx
@@ -63,7 +64,9 @@ torch.fx.wrap('gated_forward')
 #
 # * 'regions' (default): each kept block's :meth:`_SDBlock.kept_sum` (the block up to its last activation) is
 #   compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it reads no
-#   block index, so no draw, block or scale value makes it recompile); one compiled variant per block shape.
+#   block index, so no draw, block or scale value makes it recompile). Each block signature has its own copy of
+#   the code (dynamo keeps its compiled graphs per code object), with static graphs for up to two batch sizes (the
+#   batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
 # * 'eager': the blocks run as in eager mode.
 #
 # Either way a dropped block runs :meth:`_SDBlock.skip` eagerly and its branch not at all.
@@ -72,6 +75,53 @@ torch.fx.wrap('gated_forward')
 # the ReLU's backward mask as a bool tensor, and inductor's CPU code reads and writes bool tensors about 10x slower
 # than eager (torch 2.14; benchmarks/README.md, "torch.compile"). Inside a graph the ReLU's output feeds the next
 # convolution, which saves it anyway, and no mask is made.
+
+REGION_STATIC_BATCHES = 2  # batch sizes a region compiles static graphs for; a third one gets a dynamic graph
+
+
+class _Region:
+    """The compiled region of the blocks of one signature: its own copy of their ``kept_sum``'s code, and the
+    batch sizes it has compiled static graphs for."""
+
+    def __init__(self, kept_sum: Callable[..., torch.Tensor], name: str):
+        self.fn = types.FunctionType(kept_sum.__code__.replace(co_name=name), kept_sum.__globals__, name)
+        self.static_batches: Set[int] = set()
+
+    def mark_batch(self, x: torch.Tensor) -> None:
+        """Static graphs for the first ``REGION_STATIC_BATCHES`` batch sizes (inductor's kernels for a known
+        batch are faster), a dynamic batch for any other: at most four graphs per input shape and dtype (the
+        dynamic one twice, for an input that is a view, the output of a dropped block, and one that is not)."""
+        if x.shape[0] in self.static_batches or len(self.static_batches) < REGION_STATIC_BATCHES:
+            self.static_batches.add(x.shape[0])
+            for t in (x, x._base):  # x is a view of its base after a dropped block (zero_grads_for)
+                if t is not None:
+                    torch._dynamo.mark_static(t, 0)
+                    # a compiled graph with a dynamic batch (the stem's, once a second batch size came) stamps its
+                    # outputs so that the next graph takes their batch as dynamic, and in torch 2.14 that stamp
+                    # wins over mark_static: drop it (dynamo does not guard on it)
+                    vars(t).pop('_dynamo_propagated_dynamic_indices', None)
+        else:
+            maybe_mark_dynamic(x, 0)
+
+
+_REGIONS: Dict[Tuple[Any, ...], _Region] = {}
+
+
+def reset_compiled_regions() -> None:
+    """Forget the regions and the batch sizes they were compiled for (call with ``torch._dynamo.reset()``; the
+    next kept block compiles its region anew)."""
+    _REGIONS.clear()
+
+
+@torch.compiler.disable  # bookkeeping in Python, not traced
+def _region_for(block: '_SDBlock', x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The compiled region that runs ``block`` (kept) on ``x``, with ``x``'s batch marked static or dynamic."""
+    key = (type(block), block.downsample is None, tuple((p.shape, p.dtype, p.device) for p in block.parameters()))
+    region = _REGIONS.get(key)
+    if region is None:
+        region = _REGIONS[key] = _Region(type(block).kept_sum, f'kept_sum_region_{len(_REGIONS)}')
+    region.mark_batch(x)
+    return region.fn
 
 
 def compiled_gated_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +153,10 @@ def _regional_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
     scale = _eager_gate(block, x)
     if _is_dropped(scale):
         return _eager_skip(block, x)
-    maybe_mark_dynamic(x, 0)  # the last, smaller batch of an epoch reuses the regions
+    region = _region_for(block, x)
     if block.grad_checkpointing and torch.is_grad_enabled():
-        return _eager_act(block, checkpoint(block.kept_sum, x, scale, use_reentrant=False))
-    return _eager_act(block, block.kept_sum(x, scale))
+        return _eager_act(block, checkpoint(region, block, x, scale, use_reentrant=False))
+    return _eager_act(block, region(block, x, scale))
 
 
 def compiled_gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:

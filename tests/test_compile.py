@@ -9,6 +9,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import sd_zoo  # noqa: F401
+from sd_zoo import sd_resnet
 
 MODEL = 'sd_resnet20_cifar'
 COMPILE_BLOCKS = ['regions', 'eager']  # the default (each kept block a compiled region per shape), and eager blocks
@@ -42,8 +43,10 @@ def warm_up(compiled: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
+    sd_resnet.reset_compiled_regions()
     yield
     torch._dynamo.reset()
+    sd_resnet.reset_compiled_regions()
 
 
 @pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
@@ -67,6 +70,27 @@ def test_new_draws_and_a_smaller_last_batch_do_not_recompile(compile_blocks):
     if compile_blocks == 'eager':  # 'regions' passes its skipped frame to dynamo at every call (no graph made)
         assert counters['frames']['total'] == frames, 'dynamo converted a new frame'
     assert len(draws) > 1, 'the gates must be drawn anew in every step'
+
+
+def test_regions_are_static_for_two_batch_sizes_then_one_dynamic_graph():
+    model = make('regions')
+    compiled = torch.compile(model)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    counters = torch._dynamo.utils.counters
+    warm_up(compiled, model, x, y, sizes=(8, 6))
+    regions = list(sd_resnet._REGIONS.values())
+    # one region per block signature: stage 1, and a downsampling and an identity block in stages 2 and 3
+    assert len(regions) == 5 and len({r.fn.__code__ for r in regions}) == 5
+    assert all(r.static_batches == {8, 6} for r in regions)
+    graphs = counters['stats']['unique_graphs']
+    warm_up(compiled, model, x, y, sizes=(4,))
+    # a third batch size: a graph with a dynamic batch per region (two where a region ran on the output of a
+    # dropped block, a view, and on a tensor that is not)
+    dynamic = counters['stats']['unique_graphs'] - graphs
+    assert len(regions) <= dynamic <= 2 * len(regions)
+    warm_up(compiled, model, x, y, sizes=(5, 3, 8, 6, 4))  # any other size reuses them; the first two keep theirs
+    assert counters['stats']['unique_graphs'] == graphs + dynamic
+    assert all(r.static_batches == {8, 6} for r in regions)
 
 
 @pytest.mark.parametrize('compile_blocks', COMPILE_BLOCKS)
