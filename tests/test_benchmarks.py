@@ -216,6 +216,33 @@ def test_attempt_kept_runs_trains_like_eager(monkeypatch: pytest.MonkeyPatch) ->
     assert max(kept_runs.RUN_LENGTHS) > 1, kept_runs.RUN_LENGTHS  # blocks did run several to a region
 
 
+def test_attempt_compiled_bound_prunes_to_what_block_mode_runs() -> None:
+    """The bound's pruned model computes what block mode computes on the fixed draw: same output and gradients
+    (float64, eager), one downsampling block dropped and one identity block dropped among them."""
+    from benchmarks.attempts import compiled_bound
+    name = 'sd_resnet20_cifar'
+    weights = common.create_sd(name, 'off', num_classes=10).state_dict()
+    sizes = train_step.stage_sizes(common.create_sd(name, 'off', num_classes=10))
+    kept = [True] * sum(sizes)
+    kept[1], kept[sizes[0]] = False, False  # an identity block and stage 2's downsampling block
+    schedule = [1.0 if k else 1e-9 for k in kept]
+    block = common.create_sd(name, 'block', weights, drop_path_schedule=schedule, num_classes=10).double()
+    pruned = compiled_bound.prune_to(common.create_sd(name, 'off', weights, num_classes=10), kept).double()
+    assert sum(isinstance(m, compiled_bound.DroppedDownsample) for m in pruned.modules()) == 1
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    out_block, out_pruned = block.train()(x), pruned.train()(x)
+    assert block.stochastic_depth.last_active == kept
+    torch.testing.assert_close(out_pruned, out_block, rtol=0, atol=1e-12)
+    out_block.square().sum().backward()
+    out_pruned.square().sum().backward()
+    grads = {n: p.grad for n, p in pruned.named_parameters()}
+    for n, p in block.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(grads[n], p.grad, rtol=0, atol=1e-10, msg=n)
+    with pytest.raises(ValueError, match='the draw 3'):
+        compiled_bound.prune_to(common.create_sd(name, 'off', num_classes=10), [True] * 3)
+
+
 def test_committed_summary_is_rendered_from_the_committed_results(tmp_path: Path) -> None:
     import shutil
     results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
