@@ -46,8 +46,8 @@ from benchmarks.common import (
 from benchmarks.train_step import (
     FIXED_DRAW,
     accounting_schedules,
-    fixed_draw,
     paired_ratio,
+    per_stage,
     stage_sizes,
     target_check,
 )
@@ -112,11 +112,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
                 y: torch.Tensor) -> Dict[str, Any]:
     """The seven variants on one set of weights, and the draw they run."""
-    weights = create_sd(args.model, 'off', num_classes=10).state_dict()
+    base = create_sd(args.model, 'off', num_classes=10)
+    weights, sizes = base.state_dict(), stage_sizes(base)
     linear = create_sd(args.model, 'block', weights, num_classes=10).stochastic_depth.survival
-    sizes = stage_sizes(create_sd(args.model, 'off', num_classes=10))
-    kept = fixed_draw(sizes, linear)
-    schedule = accounting_schedules(sizes, linear)[FIXED_DRAW]
+    schedule = accounting_schedules(sizes, linear)[FIXED_DRAW]  # survival 1 (kept) or 1e-9 (dropped)
+    kept = [p == 1.0 for p in schedule]
 
     def model(kind: str) -> nn.Module:
         if kind.startswith('block'):
@@ -155,11 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ratios = {f'{a} / {b}': target_check(times, a, b, 0.80, args.bootstrap) for a, b in pairs}
     paired = {f'{a} / {b}': paired_ratio(times, a, b, args.bootstrap)
               for a, b in [(BLOCK, PRUNED), (BLOCK, BLOCK_DYNAMIC), (BLOCK_DYNAMIC, PRUNED)]}
-    bounds = [0] + [sum(built['sizes'][:i + 1]) for i in range(len(built['sizes']))]
-    per_stage = [sum(kept[bounds[i]:bounds[i + 1]]) for i in range(len(built['sizes']))]
+    kept_per_stage = [round(k) for k in per_stage(built['sizes'], kept)]
     payload = {'machine': machine_info(device), 'command': reproduce_command('attempts.compiled_bound', argv),
                'model': args.model, 'batch': args.batch, 'reps': args.reps, 'clock': args.clock,
-               'channels_last': args.channels_last, 'kept': kept, 'kept_per_stage': per_stage,
+               'channels_last': args.channels_last, 'kept': kept, 'kept_per_stage': kept_per_stage,
                'stage_sizes': built['sizes'], 'times_s': times,
                'medians_s': {name: median(t) for name, t in times.items()}, 'ratios': ratios, 'paired': paired}
     rows: List[List[str]] = []
@@ -173,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         f"Measured on {machine_line(payload['machine'])}.", '',
         f"Reproduce: `{payload['command']}`", '',
         f'**Attempt 10: the bound for compiled block mode**, {args.model}, batch {args.batch}, one draw keeping '
-        f"{', '.join(map(str, per_stage))} of {', '.join(map(str, built['sizes']))} blocks per stage, "
+        f"{', '.join(map(str, kept_per_stage))} of {', '.join(map(str, built['sizes']))} blocks per stage, "
         f'{args.reps} rounds, {args.clock} time, ratios of medians with 95% bootstrap intervals', '',
         markdown_table(['ratio', 'ratio of medians', 'median of per-round ratios (paired)'], rows), ''])
     write_results(args.out, f"attempt_compiled_bound_{args.tag or device.type}_{args.model}_b{args.batch}",
