@@ -113,10 +113,15 @@ def reset_compiled_regions() -> None:
     _REGIONS.clear()
 
 
+def region_key(block: '_SDBlock') -> Tuple[Any, ...]:
+    """What makes blocks share a compiled region: their type, shortcut, and parameter shapes, dtypes and devices."""
+    return type(block), block.downsample is None, tuple((p.shape, p.dtype, p.device) for p in block.parameters())
+
+
 @torch.compiler.disable  # bookkeeping in Python, not traced
 def _region_for(block: '_SDBlock', x: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The compiled region that runs ``block`` (kept) on ``x``, with ``x``'s batch marked static or dynamic."""
-    key = (type(block), block.downsample is None, tuple((p.shape, p.dtype, p.device) for p in block.parameters()))
+    key = region_key(block)
     region = _REGIONS.get(key)
     if region is None:
         region = _REGIONS[key] = _Region(type(block).kept_sum, f'kept_sum_region_{len(_REGIONS)}')

@@ -243,6 +243,25 @@ def test_attempt_compiled_bound_prunes_to_what_block_mode_runs() -> None:
         compiled_bound.prune_to(common.create_sd(name, 'off', num_classes=10), [True] * 3)
 
 
+def test_attempt_compiled_bound_dynamic_variant_has_regions_of_its_own() -> None:
+    """The dynamic-batch variant must not share code objects (and so compiled graphs) with the package's regions:
+    a dynamic graph's guards accept any batch, so shared code would let one variant run the other's graphs."""
+    from benchmarks.attempts import compiled_bound
+    from sd_zoo import sd_resnet
+    sd_resnet.reset_compiled_regions()
+    static, dynamic = (common.create_sd('sd_resnet20_cifar', 'block', num_classes=10) for _ in range(2))
+    dynamic.stochastic_depth.dynamic_batch_regions = True
+    x = torch.randn(2, 16, 32, 32)
+    block_s, block_d = next(static.sd_blocks()), next(dynamic.sd_blocks())
+    assert sd_resnet.region_key(block_s) == sd_resnet.region_key(block_d)
+    fn_s, fn_d = compiled_bound._region_for(block_s, x), compiled_bound._region_for(block_d, x)
+    assert fn_s.__code__ is not fn_d.__code__
+    assert fn_s is sd_resnet._region_for(block_s, x)  # the package's region for the static variant
+    assert fn_d is compiled_bound._region_for(block_d, x)
+    assert x._dynamo_weak_dynamic_indices == {0}
+    sd_resnet.reset_compiled_regions()
+
+
 def test_committed_summary_is_rendered_from_the_committed_results(tmp_path: Path) -> None:
     import shutil
     results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'

@@ -16,14 +16,14 @@ kept (the accounting's fixed draw, ``benchmarks.train_step.fixed_draw``), the sa
 So ``pruned, compiled`` / ``constant depth, compiled`` is the compute limit of the linear rule with compiled
 kernels on this CPU, and ``block mode, compiled`` / ``pruned, compiled`` what the regions cost against it. All
 variants run the same draw in every round, so their ratios are paired. Nothing here changes the package (the
-dynamic-batch variant wraps ``sd_zoo.sd_resnet._region_for``).
+dynamic-batch variant wraps ``sd_zoo.sd_resnet._region_for`` and has regions of its own).
 
     python -m benchmarks.attempts.compiled_bound --channels-last --config sd_resnet56_cifar:64 --reps 21
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -73,16 +73,22 @@ class DroppedDownsample(nn.Module):
 
 
 _package_region_for = sd_resnet._region_for
+_DYNAMIC_REGIONS: Dict[Any, Callable[..., torch.Tensor]] = {}
 
 
 @torch.compiler.disable
-def _region_for(block: nn.Module, x: torch.Tensor) -> Any:
-    """The package's region for ``block``; with a dynamic batch for models marked ``dynamic_batch_regions``
-    (dynamo's weak dynamic marking takes precedence over the region's ``mark_static``)."""
-    region = _package_region_for(block, x)
-    if getattr(block.stochastic_depth, 'dynamic_batch_regions', False):
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-    return region
+def _region_for(block: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The package's region for ``block``; for models marked ``dynamic_batch_regions``, a region of their own
+    with a dynamic batch, as before attempt 11. Their own: dynamo keeps compiled graphs per code object, and a
+    dynamic graph's guards accept any batch, so with shared code each variant could run the other's graphs."""
+    if not getattr(block.stochastic_depth, 'dynamic_batch_regions', False):
+        return _package_region_for(block, x)
+    key = sd_resnet.region_key(block)
+    if key not in _DYNAMIC_REGIONS:
+        name = f'kept_sum_dynamic_region_{len(_DYNAMIC_REGIONS)}'
+        _DYNAMIC_REGIONS[key] = sd_resnet._Region(type(block).kept_sum, name).fn
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    return _DYNAMIC_REGIONS[key]
 
 
 def prune_to(model: nn.Module, kept: Sequence[bool]) -> nn.Module:
