@@ -62,8 +62,8 @@ torch.fx.wrap('gated_forward')
 # draw, block index and scale would be a guard and a recompile. So the blocks run behind a graph break: the stem
 # and the head are compiled, and the blocks run in one of two ways (``StochasticDepth.compile_blocks``):
 #
-# * 'regions' (default): each kept block's :meth:`_SDBlock.kept_sum` (the block up to its last activation) is
-#   compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it reads no
+# * 'regions' (default): each kept block's :meth:`_SDBlock.kept_act` (the whole block, its last activation
+#   included) is compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it reads no
 #   block index, so no draw, block or scale value makes it recompile). Each block signature has its own copy of
 #   the code (dynamo keeps its compiled graphs per code object), with static graphs for up to two batch sizes (the
 #   batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
@@ -71,20 +71,38 @@ torch.fx.wrap('gated_forward')
 #
 # Either way a dropped block runs :meth:`_SDBlock.skip` eagerly and its branch not at all.
 #
-# A ReLU whose output leaves a compiled graph runs eagerly (in place), the stem's included: compiled, the graph saves
-# the ReLU's backward mask as a bool tensor, and inductor's CPU code reads and writes bool tensors about 10x slower
-# than eager (torch 2.14; benchmarks/README.md, "torch.compile"). Inside a graph the ReLU's output feeds the next
+# A ReLU whose output leaves a compiled graph is a pitfall: nothing in the graph saves that output, so the graph
+# saves the ReLU's backward mask instead, as a bool tensor, and inductor's CPU code writes bool tensors about 20x
+# slower than eager (torch 2.14; benchmarks/README.md, "torch.compile", attempts 5 and 12). A region's last ReLU is
+# :class:`ReLUSignBackward`, whose backward multiplies by the sign of its output (no bool tensor anywhere); the
+# stem's ReLU runs eagerly, in place, after the graph break. Inside a graph a ReLU's output feeds the next
 # convolution, which saves it anyway, and no mask is made.
+
+class ReLUSignBackward(torch.autograd.Function):
+    """``relu(x)`` whose backward is ``grad * sign(relu(x))``: the gradient of ``torch.relu`` (0 where ``x <= 0``),
+    computed from the saved output, so a compiled graph keeps no bool mask for it (see above)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clamp_min(0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out, = ctx.saved_tensors
+        return grad * out.sign()
+
 
 REGION_STATIC_BATCHES = 2  # batch sizes a region compiles static graphs for; a third one gets a dynamic graph
 
 
 class _Region:
-    """The compiled region of the blocks of one signature: its own copy of their ``kept_sum``'s code, and the
+    """The compiled region of the blocks of one signature: its own copy of their ``kept_act``'s code, and the
     batch sizes it has compiled static graphs for."""
 
-    def __init__(self, kept_sum: Callable[..., torch.Tensor], name: str):
-        self.fn = types.FunctionType(kept_sum.__code__.replace(co_name=name), kept_sum.__globals__, name)
+    def __init__(self, fn: Callable[..., torch.Tensor], name: str):
+        self.fn = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
         self.static_batches: Set[int] = set()
 
     def mark_batch(self, x: torch.Tensor) -> None:
@@ -124,7 +142,7 @@ def _region_for(block: '_SDBlock', x: torch.Tensor) -> Callable[..., torch.Tenso
     key = region_key(block)
     region = _REGIONS.get(key)
     if region is None:
-        region = _REGIONS[key] = _Region(type(block).kept_sum, f'kept_sum_region_{len(_REGIONS)}')
+        region = _REGIONS[key] = _Region(type(block).kept_act, f'kept_act_region_{len(_REGIONS)}')
     region.mark_batch(x)
     return region.fn
 
@@ -145,7 +163,7 @@ def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept_sum) are compiled
+@torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept_act) are compiled
 def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     x = _eager_stem_out(model, x)
     for block in model.sd_blocks():
@@ -160,8 +178,8 @@ def _regional_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
         return _eager_skip(block, x)
     region = _region_for(block, x)
     if block.grad_checkpointing and torch.is_grad_enabled():
-        return _eager_act(block, checkpoint(region, block, x, scale, use_reentrant=False))
-    return _eager_act(block, region(block, x, scale))
+        return checkpoint(region, block, x, scale, use_reentrant=False)
+    return region(block, x, scale)
 
 
 def compiled_gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
@@ -186,11 +204,6 @@ def _eager_gate(block: '_SDBlock', x: torch.Tensor) -> Union[float, torch.Tensor
 @torch.compiler.disable
 def _eager_skip(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
     return block.skip(x)
-
-
-@torch.compiler.disable
-def _eager_act(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
-    return block.act_out(x)
 
 
 @torch.compiler.disable
@@ -231,9 +244,15 @@ class _SDBlock(nn.Module):
         """A kept block whose branch is scaled by one number: a float, or a 0-d tensor."""
         return self.act_out(self.kept_sum(x, scale))
 
+    def kept_act(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """:meth:`kept` for ``torch.compile``'s regions (``compile_blocks='regions'``): ``scale`` is a 0-d tensor
+        (not specialized on), and a ReLU is :class:`ReLUSignBackward` (no bool mask saved)."""
+        x = self.kept_sum(x, scale)
+        return ReLUSignBackward.apply(x) if type(self.act_out) is nn.ReLU else self.act_out(x)
+
     def kept_sum(self, x: torch.Tensor, scale: Union[float, torch.Tensor]) -> torch.Tensor:
-        """``shortcut(x) + scale * branch(x)``, before the last activation: the region that ``torch.compile``
-        compiles with ``compile_blocks='regions'`` (a 0-d tensor scale is not specialized on).
+        """``shortcut(x) + scale * branch(x)``, before the last activation (a 0-d tensor scale is not specialized on
+        when compiled).
 
         The scale (1/p_l or p_l) is folded into the branch's last BatchNorm, so the sum is one in-place add, as in
         timm's blocks (BatchNorm's backward does not need its output): no new tensor, and no extra pass over the

@@ -85,8 +85,8 @@ def _region_for(block: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor
         return _package_region_for(block, x)
     key = sd_resnet.region_key(block)
     if key not in _DYNAMIC_REGIONS:
-        name = f'kept_sum_dynamic_region_{len(_DYNAMIC_REGIONS)}'
-        _DYNAMIC_REGIONS[key] = sd_resnet._Region(type(block).kept_sum, name).fn
+        name = f'kept_act_dynamic_region_{len(_DYNAMIC_REGIONS)}'
+        _DYNAMIC_REGIONS[key] = sd_resnet._Region(type(block).kept_act, name).fn
     torch._dynamo.maybe_mark_dynamic(x, 0)
     return _DYNAMIC_REGIONS[key]
 

@@ -5,7 +5,8 @@ step pays one compiled call and one eager ReLU pass per kept block. Here up to `
 blocks (same shape, no downsampling) run as one compiled call: the ReLUs between them are inside the graph, where
 the next convolution saves their output (no bool mask), and the call's fixed costs are shared. A run of ``k``
 blocks is its own code object, so each (run length, block shape) pair is one compiled graph: ``G`` times as many
-graphs as the package's regions. ``G = 1`` is the package's path, rebuilt here as the reference.
+graphs as the package's regions. ``G = 1`` is the package's path as it was then (before attempt 12 put the
+block's last ReLU into its region), rebuilt here as the reference.
 
 Every block-mode variant has the same weights and the same gate seed and all step in lock-step, so in each round
 they run the same draw: their ratio per round is paired (median of per-round ratios, 95% bootstrap interval).
@@ -60,12 +61,17 @@ RUN_FNS = {k: _code_copy(_kept_run, f'kept_run_{k}') for k in range(1, 33)}
 RUN_LENGTHS: Counter = Counter()  # how many regions of each length ran (a check for the tests)
 
 
+@torch.compiler.disable
+def _eager_act(block: Any, x: torch.Tensor) -> torch.Tensor:
+    return block.act_out(x)
+
+
 @torch.compiler.disable(recursive=False)
 def _flush(run: List[Tuple[Any, torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
     blocks, scales = tuple(b for b, _ in run), tuple(s for _, s in run)
     RUN_LENGTHS[len(blocks)] += 1
     maybe_mark_dynamic(x, 0)
-    return sd_resnet._eager_act(blocks[-1], RUN_FNS[len(blocks)](blocks, x, scales))
+    return _eager_act(blocks[-1], RUN_FNS[len(blocks)](blocks, x, scales))
 
 
 @torch.compiler.disable(recursive=False)
