@@ -63,8 +63,8 @@ torch.fx.wrap('gated_forward')
 # and the head are compiled, and the blocks run in one of two ways (``StochasticDepth.compile_blocks``):
 #
 # * 'regions' (default): each kept block's :meth:`_SDBlock.kept_act` (the whole block, its last activation
-#   included) is compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it reads no
-#   block index, so no draw, block or scale value makes it recompile). Each block signature has its own copy of
+#   included) is compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it
+#   reads no block index, so no draw, block or scale value makes it recompile). Each block signature has its own copy of
 #   the code (dynamo keeps its compiled graphs per code object), with static graphs for up to two batch sizes (the
 #   batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
 # * 'eager': the blocks run as in eager mode.

@@ -1,12 +1,12 @@
 """Attempt 9 of issue 13 (benchmarks/README.md, "torch.compile"): runs of consecutive kept blocks as one region.
 
-The package's regions compile each kept block alone (``_SDBlock.kept_sum``) and run its last ReLU eagerly, so a
-step pays one compiled call and one eager ReLU pass per kept block. Here up to ``G`` consecutive kept identity
-blocks (same shape, no downsampling) run as one compiled call: the ReLUs between them are inside the graph, where
-the next convolution saves their output (no bool mask), and the call's fixed costs are shared. A run of ``k``
-blocks is its own code object, so each (run length, block shape) pair is one compiled graph: ``G`` times as many
-graphs as the package's regions. ``G = 1`` is the package's path as it was then (before attempt 12 put the
-block's last ReLU into its region), rebuilt here as the reference.
+The package's regions compiled each kept block alone (``_SDBlock.kept_sum``, before attempt 12) and ran its last
+ReLU eagerly, so a step paid one compiled call and one eager ReLU pass per kept block. Here up to ``G``
+consecutive kept identity blocks (same shape, no downsampling) run as one compiled call: the ReLUs between them
+are inside the graph, where the next convolution saves their output (no bool mask), and the call's fixed costs
+are shared. A run of ``k`` blocks is its own code object, so each (run length, block shape) pair is one
+compiled graph: ``G`` times as many graphs as the package's regions. ``G = 1`` is the package's path as it was
+then (before attempt 12 put the block's last ReLU into its region), rebuilt here as the reference.
 
 Every block-mode variant has the same weights and the same gate seed and all step in lock-step, so in each round
 they run the same draw: their ratio per round is paired (median of per-round ratios, 95% bootstrap interval).
