@@ -163,7 +163,22 @@ def _eager_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.compiler.disable(recursive=False)  # this frame is skipped; the frames it calls (kept_act) are compiled
+def _skipped_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable(fn, recursive=False)`` without its cost per call: ``fn``'s own frame runs eagerly and
+    the frames it calls (the regions) are compiled, and a compiled caller breaks its graph at the call.
+
+    ``disable(recursive=False)`` wraps ``fn``, and dynamo's Python callback runs on every call of it to find the
+    wrapper on the stack (about 0.6 ms a call here, two dozen calls a step; benchmarks/README.md, "torch.compile",
+    attempt 13). ``torch._dynamo.decorators.skip`` marks ``fn``'s code as skipped once, in dynamo's C frame
+    evaluation, where it costs nothing per call; the older API stands in where a torch lacks it."""
+    try:
+        from torch._dynamo.decorators import skip
+    except ImportError:  # pragma: no cover - a torch without it
+        return torch.compiler.disable(fn, recursive=False)
+    return skip(fn)
+
+
+@_skipped_frame  # this frame runs eagerly; the frames it calls (kept_act) are compiled
 def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     x = _eager_stem_out(model, x)
     for block in model.sd_blocks():
@@ -171,7 +186,7 @@ def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-@torch.compiler.disable(recursive=False)
+@_skipped_frame
 def _regional_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
     scale = _eager_gate(block, x)
     if _is_dropped(scale):
