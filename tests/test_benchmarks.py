@@ -216,6 +216,40 @@ def test_attempt_kept_runs_trains_like_eager(monkeypatch: pytest.MonkeyPatch) ->
     assert max(kept_runs.RUN_LENGTHS) > 1, kept_runs.RUN_LENGTHS  # blocks did run several to a region
 
 
+@pytest.mark.slow
+def test_attempt_skipped_frames_rebuilds_the_callback_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 13's 'before' variant trains like eager and hands its frames to dynamo at every step, which the
+    package's path (frames skipped in dynamo's C frame evaluation) does not."""
+    import timm
+    import torch.nn.functional as F
+
+    from benchmarks.attempts import skipped_frames
+    from sd_zoo import sd_resnet
+    monkeypatch.setattr(sd_resnet, 'compiled_gated_blocks', skipped_frames._dispatch)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    frames_per_step = {}
+    for callback_frames in (False, True):
+        model = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
+        model.load_state_dict(eager.state_dict())
+        model.callback_frames = callback_frames
+        compiled = torch.compile(model)
+        for _ in range(3):  # warm-up: the graphs compile (a region when one of its blocks is first kept)
+            F.cross_entropy(compiled(x), y).backward()
+        before = torch._dynamo.utils.counters['frames']['total']
+        F.cross_entropy(compiled(x), y).backward()
+        frames_per_step[callback_frames] = torch._dynamo.utils.counters['frames']['total'] - before
+    for _ in range(4):  # the eager model draws what each compiled model drew
+        F.cross_entropy(eager(x), y).backward()
+    assert model.stochastic_depth.last_active == eager.stochastic_depth.last_active
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert frames_per_step[False] == 0, frames_per_step
+    assert frames_per_step[True] >= len(list(model.sd_blocks())), frames_per_step  # one a block at least
+
+
 def test_attempt_compiled_bound_prunes_to_what_block_mode_runs() -> None:
     """The bound's pruned model computes what block mode computes on the fixed draw: same output and gradients
     (float64, eager), one downsampling block dropped and one identity block dropped among them."""

@@ -1,0 +1,143 @@
+"""Attempt 13 of issue 13 (benchmarks/README.md, "torch.compile"): what dynamo's callback cost per block.
+
+Until attempt 13 the frames that run the gated blocks under ``torch.compile`` (``sd_resnet._regional_blocks`` and
+``_regional_forward``, one call a block) were wrapped in ``torch.compiler.disable(recursive=False)``. Such a frame
+cannot be marked skipped once for all (the same function may be reached without the wrapper), so dynamo's Python
+frame callback runs at every call to find the wrapper on the stack: a cProfile of ResNet-56 at batch 2 gave 28
+calls a step at about 0.6 ms each. The package now marks their code skipped in dynamo's C frame evaluation
+(``sd_resnet._skipped_frame``), which costs nothing per call.
+
+This runs both on one set of weights: the package's path, and the previous one rebuilt here (the same functions'
+code, copied so that the copies are not marked skipped, behind ``disable(recursive=False)``), with block mode eager
+and constant depth compiled alongside. The block-mode models have the same gate seed and step in lock-step, so in
+each round they run the same draw and their ratio per round is paired. Nothing here changes the package: the
+experiment swaps ``sd_zoo.sd_resnet.compiled_gated_blocks`` for a dispatcher that reads the model's
+``callback_frames`` attribute.
+
+    python -m benchmarks.attempts.skipped_frames --channels-last --config sd_resnet56_cifar:64 --reps 15
+"""
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+import sd_zoo.sd_resnet as sd_resnet
+from benchmarks.common import (
+    TrainStep,
+    add_device_args,
+    alternate,
+    apply_device_args,
+    create_sd,
+    machine_info,
+    machine_line,
+    markdown_table,
+    median,
+    prepare,
+    reproduce_command,
+    write_results,
+)
+from benchmarks.train_step import paired_ratio, target_check
+
+BASELINE = 'constant depth, compiled'
+SKIPPED = 'block compiled, skipped frames (the package)'
+CALLBACK = 'block compiled, frames behind disable(recursive=False) (before attempt 13)'
+EAGER = 'block eager'
+
+
+def _code_copy(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own (not marked skipped: a mark is per code object)."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
+
+
+_forward_before = torch.compiler.disable(_code_copy(sd_resnet._regional_forward, '_regional_forward_before'),
+                                         recursive=False)
+
+
+@torch.compiler.disable(recursive=False)
+def blocks_before(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """``sd_resnet._regional_blocks`` as it was before attempt 13."""
+    x = sd_resnet._eager_stem_out(model, x)
+    for block in model.sd_blocks():
+        x = _forward_before(block, x)
+    return x
+
+
+_PACKAGE_BLOCKS = sd_resnet.compiled_gated_blocks
+
+
+def _dispatch(model: Any, x: torch.Tensor) -> torch.Tensor:
+    if getattr(model, 'callback_frames', False):
+        return blocks_before(model, x)
+    return _PACKAGE_BLOCKS(model, x)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_device_args(parser)
+    parser.add_argument('--config', default='sd_resnet56_cifar:64', metavar='MODEL:BATCH')
+    parser.add_argument('--bootstrap', type=int, default=2000)
+    args = parser.parse_args(argv)
+    args.model, args.batch = args.config.split(':')[0], int(args.config.split(':')[1])
+    args.reps = args.reps or (3 if args.quick else 15)
+    return args
+
+
+def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
+                y: torch.Tensor) -> Dict[str, TrainStep]:
+    """The four variants on one set of weights; the block-mode ones share the gate seed (the same draws)."""
+    weights = create_sd(args.model, 'off', num_classes=10).state_dict()
+
+    def block(callback_frames: bool) -> torch.nn.Module:
+        model = prepare(create_sd(args.model, 'block', weights, seed=1, num_classes=10), device, args.channels_last)
+        model.callback_frames = callback_frames
+        return model
+
+    constant = prepare(create_sd(args.model, 'off', weights, num_classes=10), device, args.channels_last)
+    models = {SKIPPED: torch.compile(block(False)), CALLBACK: torch.compile(block(True)), EAGER: block(False),
+              BASELINE: torch.compile(constant)}
+    return {name: TrainStep(model, x, y, device, args.bf16) for name, model in models.items()}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    device = apply_device_args(args)
+    sd_resnet.compiled_gated_blocks = _dispatch
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    steps = build_steps(args, device, x, y)
+    times = alternate(steps, args.reps, warmup=3, device=device)[args.clock]
+    rows: List[List[str]] = []
+    per_variant: Dict[str, Any] = {}
+    for name in steps:
+        entry = {'median_s': median(times[name]),
+                 'vs_constant': target_check(times, name, BASELINE, 0.80, args.bootstrap)}
+        if name in (CALLBACK, EAGER):
+            entry['paired_skipped_vs_this'] = paired_ratio(times, SKIPPED, name, args.bootstrap)
+        per_variant[name] = entry
+        vs_c, pr = entry['vs_constant'], entry.get('paired_skipped_vs_this')
+        rows.append([name, f"{vs_c['ratio']:.3f}x [{vs_c['interval_95'][0]:.3f}, {vs_c['interval_95'][1]:.3f}]",
+                     f"{pr['ratio']:.3f}x [{pr['interval_95'][0]:.3f}, {pr['interval_95'][1]:.3f}]" if pr else '-',
+                     f"{entry['median_s']:.3f}"])
+    payload = {'machine': machine_info(device), 'command': reproduce_command('attempts.skipped_frames', argv),
+               'model': args.model, 'batch': args.batch, 'reps': args.reps, 'clock': args.clock,
+               'channels_last': args.channels_last, 'times_s': times, 'per_variant': per_variant}
+    markdown = '\n'.join([
+        f"Measured on {machine_line(payload['machine'])}.", '',
+        f"Reproduce: `{payload['command']}`", '',
+        f'**Attempt 13: skipped frames instead of a callback per block**, {args.model}, batch {args.batch}, '
+        f'{args.reps} rounds, {args.clock} time, 95% bootstrap intervals', '',
+        markdown_table(['variant', 'vs constant depth compiled (ratio of medians)',
+                        'skipped frames / this variant (paired, same draws)', f'median {args.clock} s'], rows), ''])
+    write_results(args.out, f'attempt_skipped_frames_{args.tag or device.type}_{args.model}_b{args.batch}',
+                  payload, markdown)
+    return payload
+
+
+if __name__ == '__main__':
+    main()
