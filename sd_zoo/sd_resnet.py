@@ -66,7 +66,8 @@ torch.fx.wrap('gated_forward')
 #   included) is compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it
 #   reads no block index, so no draw, block or scale value makes it recompile). Each block signature has its own copy of
 #   the code (dynamo keeps its compiled graphs per code object), with static graphs for up to two batch sizes (the
-#   batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
+#   batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them. The loop that calls
+#   the regions runs in frames dynamo skips for good (:func:`_skipped_frame`), so no block costs a Python callback.
 # * 'eager': the blocks run as in eager mode.
 #
 # Either way a dropped block runs :meth:`_SDBlock.skip` eagerly and its branch not at all.
