@@ -48,6 +48,26 @@ _register_peers()
 # Machine and options
 
 
+def attempt_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the compile attempts (``benchmarks/attempts``): the device options, one ``MODEL:BATCH``
+    config and the bootstrap's resamples; read them with :func:`parse_attempt_args`."""
+    parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+    add_device_args(parser)
+    parser.add_argument('--config', default='sd_resnet56_cifar:64', metavar='MODEL:BATCH')
+    parser.add_argument('--bootstrap', type=int, default=2000)
+    return parser
+
+
+def parse_attempt_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                       reps: int) -> argparse.Namespace:
+    """Parse an :func:`attempt_parser`'s options: ``args.model`` and ``args.batch`` from ``--config``, and
+    ``reps`` repetitions unless ``--reps`` (or ``--quick``, 3) says otherwise."""
+    args = parser.parse_args(argv)
+    args.model, args.batch = args.config.split(':')[0], int(args.config.split(':')[1])
+    args.reps = args.reps or (3 if args.quick else reps)
+    return args
+
+
 def add_device_args(parser: argparse.ArgumentParser) -> None:
     """Options every benchmark shares (the GPU run is the same command with ``--device cuda --bf16 ...``)."""
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (default: cpu)")
@@ -313,6 +333,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
     return '\n'.join(lines) + '\n'
+
+
+def code_copy(fn: Callable, name: str) -> Callable:
+    """``fn`` with a code object of its own: dynamo keeps compiled graphs (and caps their number) and marks frames
+    skipped per code object."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
 
 
 def copy_model(model: nn.Module) -> nn.Module:

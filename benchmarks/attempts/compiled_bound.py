@@ -31,14 +31,15 @@ from torch import nn
 import sd_zoo.sd_resnet as sd_resnet
 from benchmarks.common import (
     TrainStep,
-    add_device_args,
     alternate,
     apply_device_args,
+    attempt_parser,
     create_sd,
     machine_info,
     machine_line,
     markdown_table,
     median,
+    parse_attempt_args,
     prepare,
     reproduce_command,
     write_results,
@@ -105,14 +106,7 @@ def prune_to(model: nn.Module, kept: Sequence[bool]) -> nn.Module:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_device_args(parser)
-    parser.add_argument('--config', default='sd_resnet56_cifar:64', metavar='MODEL:BATCH')
-    parser.add_argument('--bootstrap', type=int, default=2000)
-    args = parser.parse_args(argv)
-    args.model, args.batch = args.config.split(':')[0], int(args.config.split(':')[1])
-    args.reps = args.reps or (3 if args.quick else 21)
-    return args
+    return parse_attempt_args(attempt_parser(__doc__), argv, reps=21)
 
 
 def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,

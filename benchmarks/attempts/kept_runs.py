@@ -18,9 +18,8 @@ Constant depth compiled is timed alongside. Nothing here changes the package: th
 from __future__ import annotations
 
 import argparse
-import types
 from collections import Counter
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch._dynamo import maybe_mark_dynamic
@@ -28,14 +27,16 @@ from torch._dynamo import maybe_mark_dynamic
 import sd_zoo.sd_resnet as sd_resnet
 from benchmarks.common import (
     TrainStep,
-    add_device_args,
     alternate,
     apply_device_args,
+    attempt_parser,
+    code_copy,
     create_sd,
     machine_info,
     machine_line,
     markdown_table,
     median,
+    parse_attempt_args,
     prepare,
     reproduce_command,
     write_results,
@@ -52,12 +53,7 @@ def _kept_run(blocks: Tuple[Any, ...], x: torch.Tensor, scales: Tuple[torch.Tens
     return blocks[-1].kept_sum(x, scales[-1])
 
 
-def _code_copy(fn: Callable, name: str) -> Callable:
-    """``fn`` with its own code object: dynamo keeps compiled graphs per code object (and caps their number)."""
-    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
-
-
-RUN_FNS = {k: _code_copy(_kept_run, f'kept_run_{k}') for k in range(1, 33)}
+RUN_FNS = {k: code_copy(_kept_run, f'kept_run_{k}') for k in range(1, 33)}
 RUN_LENGTHS: Counter = Counter()  # how many regions of each length ran (a check for the tests)
 
 
@@ -104,17 +100,12 @@ def _dispatch(model: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_device_args(parser)
-    parser.add_argument('--config', default='sd_resnet56_cifar:64', metavar='MODEL:BATCH')
+    parser = attempt_parser(__doc__)
     parser.add_argument('--runs', default='1,2,4', help='longest runs to compare (1 = the package regions)')
-    parser.add_argument('--bootstrap', type=int, default=2000)
-    args = parser.parse_args(argv)
-    args.model, args.batch = args.config.split(':')[0], int(args.config.split(':')[1])
+    args = parse_attempt_args(parser, argv, reps=15)
     args.runs = [int(g) for g in args.runs.split(',')]
     if 1 not in args.runs:
         parser.error('--runs must include 1 (the package regions, the reference of the paired ratios)')
-    args.reps = args.reps or (3 if args.quick else 15)
     return args
 
 

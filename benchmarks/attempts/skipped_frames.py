@@ -19,27 +19,28 @@ experiment swaps ``sd_zoo.sd_resnet.compiled_gated_blocks`` for a dispatcher tha
 from __future__ import annotations
 
 import argparse
-import types
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 import sd_zoo.sd_resnet as sd_resnet
 from benchmarks.common import (
     TrainStep,
-    add_device_args,
     alternate,
     apply_device_args,
+    attempt_parser,
+    code_copy,
     create_sd,
     machine_info,
     machine_line,
     markdown_table,
     median,
+    parse_attempt_args,
     prepare,
     reproduce_command,
     write_results,
 )
-from benchmarks.train_step import paired_ratio, target_check
+from benchmarks.train_step import format_ratio, paired_ratio, target_check
 
 BASELINE = 'constant depth, compiled'
 SKIPPED = 'block compiled, skipped frames (the package)'
@@ -47,12 +48,8 @@ CALLBACK = 'block compiled, frames behind disable(recursive=False) (before attem
 EAGER = 'block eager'
 
 
-def _code_copy(fn: Callable, name: str) -> Callable:
-    """``fn`` with a code object of its own (not marked skipped: a mark is per code object)."""
-    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
-
-
-_forward_before = torch.compiler.disable(_code_copy(sd_resnet._regional_forward, '_regional_forward_before'),
+# a code object of its own: the package's is marked skipped, and a mark is per code object
+_forward_before = torch.compiler.disable(code_copy(sd_resnet._regional_forward, '_regional_forward_before'),
                                          recursive=False)
 
 
@@ -75,14 +72,7 @@ def _dispatch(model: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    add_device_args(parser)
-    parser.add_argument('--config', default='sd_resnet56_cifar:64', metavar='MODEL:BATCH')
-    parser.add_argument('--bootstrap', type=int, default=2000)
-    args = parser.parse_args(argv)
-    args.model, args.batch = args.config.split(':')[0], int(args.config.split(':')[1])
-    args.reps = args.reps or (3 if args.quick else 15)
-    return args
+    return parse_attempt_args(attempt_parser(__doc__), argv, reps=15)
 
 
 def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
@@ -121,8 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             entry['paired_skipped_vs_this'] = paired_ratio(times, SKIPPED, name, args.bootstrap)
         per_variant[name] = entry
         vs_c, pr = entry['vs_constant'], entry.get('paired_skipped_vs_this')
-        rows.append([name, f"{vs_c['ratio']:.3f}x [{vs_c['interval_95'][0]:.3f}, {vs_c['interval_95'][1]:.3f}]",
-                     f"{pr['ratio']:.3f}x [{pr['interval_95'][0]:.3f}, {pr['interval_95'][1]:.3f}]" if pr else '-',
+        rows.append([name, format_ratio(vs_c), format_ratio(pr) if pr else '-',
                      f"{entry['median_s']:.3f}"])
     payload = {'machine': machine_info(device), 'command': reproduce_command('attempts.skipped_frames', argv),
                'model': args.model, 'batch': args.batch, 'reps': args.reps, 'clock': args.clock,
