@@ -8,7 +8,8 @@ per-sample mask, on the same weights, timed side by side in one process.
   break) and with ``compile_blocks='eager'`` (the gated blocks run eagerly); the per-sample mask (sample mode,
   timm DropPath-like) compiled whole.
 * Warm-up: wall seconds of the first three steps of each variant, inductor's on-disk cache emptied first
-  (``--warm-cache`` keeps it); compiled graphs and recompiles counted per variant.
+  (``--warm-cache`` keeps it); compiled graphs and recompiles counted per variant, in one untimed round of all
+  variants after the warm-ups (see :func:`settle`) and while timed.
 * Targets (issue 13): block compiled at most 0.80x compiled constant depth, and at least 20% faster than the
   compiled per-sample mask (ratio at most 0.80), judged on 95% bootstrap intervals of the ratio of medians
   (the unit resampled is one round of all variants). A missed target gets profiler tables of both steps.
@@ -96,27 +97,56 @@ def explain_graphs(model: nn.Module, x: torch.Tensor) -> Dict[str, Any]:
 
 
 def build_model(model_name: str, variant: str, weights: Dict[str, torch.Tensor], device: torch.device,
-                channels_last: bool) -> nn.Module:
+                channels_last: bool, backend: str = 'inductor', isolate: bool = True) -> nn.Module:
     mode, compiled, compile_blocks = VARIANTS[variant]
     model = prepare(create_sd(model_name, mode, weights, num_classes=10), device, channels_last)
     model.stochastic_depth.compile_blocks = compile_blocks
-    return torch.compile(model) if compiled else model
+    # Each variant's entries in dynamo's cache are its own: the six models share the package's code objects,
+    # and without isolation one model's call can match a frame compiled for another (see :func:`settle`).
+    return torch.compile(model, backend=backend, isolate_recompiles=isolate) if compiled else model
 
 
-def warm_up(step: TrainStep, device: torch.device, calls: int = 3) -> Dict[str, float]:
+def compile_events(graphs_before: int) -> Dict[str, Any]:
+    """Graphs compiled since ``graphs_before`` (dynamo's ``unique_graphs``), and the recompiles among the frames
+    compiled since the last :func:`clear_compile_events`, with the guard failures that caused them (from dynamo's
+    compilation metrics: one record per frame compiled, a recompile names the guard that failed)."""
+    metrics = torch._dynamo.utils.get_compilation_metrics()
+    reasons = [m.recompile_reason for m in metrics if m.recompile_reason]
+    return {'graphs': torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before,
+            'recompiles': len(reasons), 'recompile_reasons': sorted({r.split('\n')[0][:160] for r in reasons})}
+
+
+def clear_compile_events() -> int:
+    """Start counting compile events afresh; returns the graph count to pass to :func:`compile_events`."""
+    torch._dynamo.utils.clear_compilation_metrics()
+    return torch._dynamo.utils.counters['stats']['unique_graphs']
+
+
+def warm_up(step: TrainStep, device: torch.device, calls: int = 3) -> Dict[str, Any]:
     """Wall seconds of the first ``calls`` steps, and the graphs compiled and recompiles made meanwhile."""
-    stats = torch._dynamo.utils.counters['stats']
-    graphs_before, recompiles_before = stats['unique_graphs'], _recompiles()
+    graphs_before = clear_compile_events()
     start = time.perf_counter()
     for _ in range(calls):
         step()
     synchronize(device)
-    return {'first_steps_s': time.perf_counter() - start, 'graphs': stats['unique_graphs'] - graphs_before,
-            'recompiles': _recompiles() - recompiles_before}
+    return {'first_steps_s': time.perf_counter() - start, **compile_events(graphs_before)}
 
 
-def _recompiles() -> int:
-    return sum(torch._dynamo.utils.counters['recompiles'].values())
+def settle(steps: Dict[str, TrainStep], device: torch.device) -> Dict[str, Any]:
+    """One untimed step of every variant, in the timed rounds' order, after all the warm-ups: what it compiles
+    counts against the variants' isolation.
+
+    The six models share the package's code objects. Without ``isolate_recompiles`` a frame compiled for one
+    model can be the first cache entry another model's call meets: ``forward`` of a block-mode model breaks its
+    graph at ``forward_features``, so its guards do not tell the modes apart, and the constant-depth model then
+    ran through it and compiled its own ``forward_features`` (one graph split in two, and one recompile in the
+    first timed round: a 25-66 s step in the runs before this was found). A model trained alone never meets
+    this (the no-recompile tests)."""
+    graphs_before = clear_compile_events()
+    for step in steps.values():
+        step()
+    synchronize(device)
+    return compile_events(graphs_before)
 
 
 def profile_table(step: TrainStep, rows: int = 12) -> str:
@@ -141,11 +171,13 @@ def measure_config(model_name: str, batch: int, args: argparse.Namespace, device
                                    device, args.bf16)
         warm[variant] = warm_up(steps[variant], device)
         print(f'  {model_name} b{batch}: {variant}: first 3 steps {warm[variant]["first_steps_s"]:.1f}s', flush=True)
+    settled = settle(steps, device)
+    graphs_before = clear_compile_events()
     times = alternate(steps, args.reps, warmup=0, device=device)
-    recompiles_timed = _recompiles() - sum(w['recompiles'] for w in warm.values())
     result: Dict[str, Any] = {'model': model_name, 'batch': batch, 'reps': args.reps, 'warm_up': warm,
                               'variants': ratio_table(times, BASELINE), 'times_s': times,
-                              'recompiles_while_timed': recompiles_timed, 'profiles': {}}
+                              'untimed_round': settled, 'while_timed': compile_events(graphs_before),
+                              'profiles': {}}
     result['targets'] = {name: target_check(times[args.clock], num, den, target, args.bootstrap)
                          for name, num, den, target in TARGETS}
     if any(t['verdict'] != 'met' for t in result['targets'].values()):
@@ -160,6 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
     info = machine_info(device)
+    torch._dynamo.utils.set_compilation_metrics_limit(1_000_000)  # every frame compiled is counted
     payload: Dict[str, Any] = {'machine': info, 'command': reproduce_command('compile', argv), 'clock': args.clock,
                                'flush_denormal': args.flush_denormal, 'bf16': args.bf16,
                                'channels_last': args.channels_last, 'torch': torch.__version__, 'configs': []}
@@ -193,9 +226,12 @@ def to_markdown(payload: Dict[str, Any], args: argparse.Namespace) -> str:
                  f"{v[f'{clock}_median_s']:.3f}", f"{warm[label]['first_steps_s']:.1f}",
                  warm[label]['graphs'], warm[label]['recompiles']]
                 for label, v in res['variants'].items()]
+        settled, timed = res['untimed_round'], res['while_timed']
         md += (f"\n\n**Training step, {res['model']}, batch {res['batch']}** (inductor; median of {res['reps']} "
-               f"interleaved rounds after 3 warm-up steps; recompiles while timed: "
-               f"{res['recompiles_while_timed']})\n\n"
+               f"interleaved rounds after 3 warm-up steps per variant and one untimed round; while timed: "
+               f"{timed['graphs']} graphs compiled, {timed['recompiles']} recompiles; in the untimed round after all "
+               f"warm-ups, each variant's cache entries isolated: {settled['graphs']} graphs, "
+               f"{settled['recompiles']} recompiles{_reasons(settled)})\n\n"
                + markdown_table(['variant', f'step vs constant depth, compiled ({clock} time)', f'({other} time)',
                                  f'median {clock} s (this machine)', 'first 3 steps, wall s',
                                  'graphs compiled', 'recompiles'], rows))
@@ -203,6 +239,10 @@ def to_markdown(payload: Dict[str, Any], args: argparse.Namespace) -> str:
         for variant, table in res['profiles'].items():
             md += f"\n\nProfile of one step, {variant} (a target was missed):\n\n```\n{table}\n```"
     return md
+
+
+def _reasons(events: Dict[str, Any]) -> str:
+    return f" ({'; '.join(f'`{r}`' for r in events['recompile_reasons'])})" if events['recompile_reasons'] else ''
 
 
 if __name__ == '__main__':

@@ -172,6 +172,42 @@ def test_sample_mode_compiles_to_one_graph(tmp_path: Path) -> None:
     assert payload['graphs']['block']['graph_breaks'] > 0
 
 
+def test_compile_events_count_graphs_and_recompiles() -> None:
+    from benchmarks import compile as compile_bench
+    torch._dynamo.reset()
+    scaled = torch.compile(lambda x, k: x * k, backend='eager')
+    graphs = compile_bench.clear_compile_events()
+    scaled(torch.ones(2), 2)
+    assert compile_bench.compile_events(graphs)['recompiles'] == 0
+    scaled(torch.ones(2), 3)  # an int is specialized on: a second value recompiles
+    events = compile_bench.compile_events(graphs)
+    assert (events['graphs'], events['recompiles']) == (2, 1)
+    assert events['recompile_reasons'] and 'k' in events['recompile_reasons'][0]
+
+
+@pytest.mark.parametrize('isolate', [True, False])
+def test_compiled_variants_keep_their_own_cache_entries(isolate: bool) -> None:
+    """The benchmark's variants share the package's code; isolated, none runs through another's frames (no
+    recompile after all warm-ups). Not isolated, the constant-depth model meets block mode's ``forward`` entry,
+    which does not guard on the mode, and recompiles: what the timed rounds used to pay."""
+    from benchmarks import compile as compile_bench
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    weights = common.create_sd(TINY, 'off', num_classes=10).state_dict()
+    steps = {}
+    for variant in (compile_bench.BASELINE, compile_bench.BLOCK, compile_bench.SAMPLE):
+        model = compile_bench.build_model(TINY, variant, weights, torch.device('cpu'), False, backend='eager',
+                                          isolate=isolate)
+        steps[variant] = common.TrainStep(model, x, y, torch.device('cpu'), False)
+        compile_bench.warm_up(steps[variant], torch.device('cpu'))
+    settled = compile_bench.settle(steps, torch.device('cpu'))
+    if isolate:
+        assert settled['recompiles'] == 0 and settled['graphs'] == 0
+    else:
+        assert settled['recompiles'] >= 1 and any('mode' in r for r in settled['recompile_reasons'])
+
+
 def test_dropped_grad_compares_the_same_draws(tmp_path: Path) -> None:
     from benchmarks import dropped_grad
     payload = dropped_grad.main(['--quick', '--reps', '2', '--batch', '4', '--keep-denormals', '--out', str(tmp_path)])
