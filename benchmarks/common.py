@@ -199,6 +199,17 @@ def prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.M
     return model
 
 
+def compile_isolated(model: nn.Module, backend: str = 'inductor', isolate: bool = True) -> nn.Module:
+    """``torch.compile(model)`` with entries of its own in dynamo's cache (``isolate_recompiles``).
+
+    A benchmark compiles several models of the package in one process, and they share its code objects. Without
+    isolation a call can match a frame compiled for another model: a block-mode model's ``forward`` breaks its
+    graph at ``forward_features`` and so guards on nothing that tells the modes apart, and a constant-depth model
+    compiled beside it ran through that entry, its graph split in two, after one recompile (found in
+    ``benchmarks.compile``; tests/test_benchmarks.py shows both). A model compiled alone is what a user runs."""
+    return torch.compile(model, backend=backend, isolate_recompiles=isolate)
+
+
 def sgd(model: nn.Module) -> torch.optim.Optimizer:
     """The paper's optimizer (Nesterov momentum 0.9, weight decay 1e-4); a small lr keeps weights tame."""
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)

@@ -37,6 +37,7 @@ from benchmarks.common import (
     add_device_args,
     alternate,
     apply_device_args,
+    compile_isolated,
     create_sd,
     machine_info,
     machine_line,
@@ -101,9 +102,7 @@ def build_model(model_name: str, variant: str, weights: Dict[str, torch.Tensor],
     mode, compiled, compile_blocks = VARIANTS[variant]
     model = prepare(create_sd(model_name, mode, weights, num_classes=10), device, channels_last)
     model.stochastic_depth.compile_blocks = compile_blocks
-    # Each variant's entries in dynamo's cache are its own: the six models share the package's code objects,
-    # and without isolation one model's call can match a frame compiled for another (see :func:`settle`).
-    return torch.compile(model, backend=backend, isolate_recompiles=isolate) if compiled else model
+    return compile_isolated(model, backend, isolate) if compiled else model
 
 
 def compile_events(graphs_before: int) -> Dict[str, Any]:
@@ -133,15 +132,10 @@ def warm_up(step: TrainStep, device: torch.device, calls: int = 3) -> Dict[str, 
 
 
 def settle(steps: Dict[str, TrainStep], device: torch.device) -> Dict[str, Any]:
-    """One untimed step of every variant, in the timed rounds' order, after all the warm-ups: what it compiles
-    counts against the variants' isolation.
-
-    The six models share the package's code objects. Without ``isolate_recompiles`` a frame compiled for one
-    model can be the first cache entry another model's call meets: ``forward`` of a block-mode model breaks its
-    graph at ``forward_features``, so its guards do not tell the modes apart, and the constant-depth model then
-    ran through it and compiled its own ``forward_features`` (one graph split in two, and one recompile in the
-    first timed round: a 25-66 s step in the runs before this was found). A model trained alone never meets
-    this (the no-recompile tests)."""
+    """One untimed step of every variant, in the timed rounds' order, after all the warm-ups. The variants share
+    the package's code; compiled in isolation (:func:`benchmarks.common.compile_isolated`) none of them compiles
+    anything here, and what this round counts shows it (the runs before isolation had a recompile, and a 25-66 s
+    step, in their first timed round)."""
     graphs_before = clear_compile_events()
     for step in steps.values():
         step()

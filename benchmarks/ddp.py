@@ -39,6 +39,7 @@ from benchmarks.common import (
     add_device_args,
     alternate,
     apply_device_args,
+    compile_isolated,
     create_sd,
     machine_info,
     machine_line,
@@ -113,7 +114,7 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
         prepare(model, torch.device('cpu'), args.channels_last)
         sds[label] = model.stochastic_depth
         ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
-        steps[label] = TrainStep(torch.compile(ddp) if compiled else ddp, torch.empty(0), torch.empty(0),
+        steps[label] = TrainStep(compile_isolated(ddp) if compiled else ddp, torch.empty(0), torch.empty(0),
                                  torch.device('cpu'), False)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch_per_rank, 3, 32, 32, generator=gen)

@@ -34,6 +34,7 @@ from benchmarks.common import (
     alternate,
     apply_device_args,
     attempt_parser,
+    compile_isolated,
     create_sd,
     machine_info,
     machine_line,
@@ -128,10 +129,10 @@ def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
                 prune_to(m, kept)
         return prepare(m, device, args.channels_last)
 
-    models = {BASELINE: torch.compile(model('off')), CONSTANT_EAGER: model('off'),
-              BLOCK: torch.compile(model('block')), BLOCK_DYNAMIC: torch.compile(model('block, dynamic')),
+    models = {BASELINE: compile_isolated(model('off')), CONSTANT_EAGER: model('off'),
+              BLOCK: compile_isolated(model('block')), BLOCK_DYNAMIC: compile_isolated(model('block, dynamic')),
               BLOCK_EAGER: model('block'),
-              PRUNED: torch.compile(model('pruned')), PRUNED_EAGER: model('pruned')}
+              PRUNED: compile_isolated(model('pruned')), PRUNED_EAGER: model('pruned')}
     steps = {name: TrainStep(m, x, y, device, args.bf16) for name, m in models.items()}
     return {'steps': steps, 'kept': kept, 'sizes': sizes}
 

@@ -31,6 +31,7 @@ from benchmarks.common import (
     apply_device_args,
     attempt_parser,
     code_copy,
+    compile_isolated,
     create_sd,
     machine_info,
     machine_line,
@@ -123,9 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for g in args.runs:
         model = prepare(create_sd(args.model, 'block', weights, seed=1, num_classes=10), device, args.channels_last)
         model.kept_run_max = g
-        steps[f'runs of up to {g}'] = TrainStep(torch.compile(model), x, y, device, args.bf16)
+        steps[f'runs of up to {g}'] = TrainStep(compile_isolated(model), x, y, device, args.bf16)
     constant = prepare(create_sd(args.model, 'off', weights, num_classes=10), device, args.channels_last)
-    steps[BASELINE] = TrainStep(torch.compile(constant), x, y, device, args.bf16)
+    steps[BASELINE] = TrainStep(compile_isolated(constant), x, y, device, args.bf16)
     # warm-up: every (run length, shape) graph compiles the first time it occurs; the block variants stay in
     # lock-step (same number of draws), so later rounds still give them the same draws
     times = alternate(steps, args.reps, warmup=6, device=device)[args.clock]

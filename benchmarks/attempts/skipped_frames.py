@@ -30,6 +30,7 @@ from benchmarks.common import (
     apply_device_args,
     attempt_parser,
     code_copy,
+    compile_isolated,
     create_sd,
     machine_info,
     machine_line,
@@ -86,8 +87,8 @@ def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
         return model
 
     constant = prepare(create_sd(args.model, 'off', weights, num_classes=10), device, args.channels_last)
-    models = {SKIPPED: torch.compile(block(False)), CALLBACK: torch.compile(block(True)), EAGER: block(False),
-              BASELINE: torch.compile(constant)}
+    models = {SKIPPED: compile_isolated(block(False)), CALLBACK: compile_isolated(block(True)), EAGER: block(False),
+              BASELINE: compile_isolated(constant)}
     return {name: TrainStep(model, x, y, device, args.bf16) for name, model in models.items()}
 
 
