@@ -49,6 +49,7 @@ from benchmarks.common import (
     reproduce_command,
     write_results,
 )
+from benchmarks.compile import clear_compile_events, compile_events
 from benchmarks.train_step import target_check, targets_markdown
 
 BASELINE = 'constant depth'
@@ -96,6 +97,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out_path: str) -> No
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
         torch.set_flush_denormal(args.flush_denormal)
+        torch._dynamo.utils.set_compilation_metrics_limit(1_000_000)  # every frame compiled is counted
         result = _measure(rank, args)
         if rank == 0:
             with open(out_path, 'w') as f:
@@ -132,8 +134,15 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
             mismatches.append(sum(g != gathered[0] for g in gathered))
         dist.barrier()  # every timed step starts with the ranks aligned
 
-    # three warm-up steps: a compiled block shape is compiled the first time one of its blocks is kept
-    times = alternate(steps, args.reps, warmup=3, after_each=after_each)
+    # three warm-up rounds: a compiled block shape is compiled the first time one of its blocks is kept
+    alternate(steps, 0, warmup=3)
+    graphs_before = clear_compile_events()
+    times = alternate(steps, args.reps, warmup=0, after_each=after_each)
+    per_rank: List[Any] = [None] * args.world_size
+    dist.all_gather_object(per_rank, compile_events(graphs_before))
+    compiled_while_timed = {'graphs': sum(e['graphs'] for e in per_rank),
+                            'recompiles': sum(e['recompiles'] for e in per_rank),
+                            'recompile_reasons': sorted({r for e in per_rank for r in e['recompile_reasons']})}
     slowest = {}
     for clock, by_name in times.items():  # a DDP step lasts as long as its slowest rank
         slowest[clock] = {}
@@ -141,7 +150,8 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
             t = torch.tensor(values, dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             slowest[clock][label] = t.tolist()
-    return {'times_s': slowest, 'rank_gate_mismatches': sum(mismatches)}
+    return {'times_s': slowest, 'rank_gate_mismatches': sum(mismatches),
+            'compiled_while_timed': compiled_while_timed}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -170,7 +180,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"**DDP, {args.world_size} CPU processes (gloo)**, {args.model}, {args.batch_per_rank} images "
                 f"per rank{', channels_last' if args.channels_last else ''}, {payload['threads_per_rank']} torch thread(s) "
                 f"per rank, median of {args.reps} "
-                f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step\n\n"
+                f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step; "
+                f"compiled while timed (all ranks): "
+                f"{payload['compiled_while_timed']['graphs']} graphs, "
+                f"{payload['compiled_while_timed']['recompiles']} recompiles\n\n"
                 + markdown_table(['variant', f'step vs constant depth ({args.clock} time, per rank)',
                                   f'({other} time)', f'median {args.clock} s (this machine)'], rows)
                 + '\n\n' + targets_markdown(targets, 'target (issue 13)'))

@@ -162,6 +162,8 @@ def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
     payload = ddp.main(['--quick', '--reps', '1', '--keep-denormals', '--out', str(tmp_path)])
     assert payload['rank_gate_mismatches'] == 0
     assert set(payload['variants']) == set(ddp.VARIANTS)
+    # (a region may still compile its first graph while timed, when a block shape is first kept then)
+    assert payload['compiled_while_timed']['recompiles'] == 0
 
 
 @pytest.mark.slow
