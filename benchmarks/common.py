@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import timm
 import torch
+import torch._dynamo.utils
 import torch.nn.functional as F
 from torch import nn
 
@@ -208,6 +209,22 @@ def compile_isolated(model: nn.Module, backend: str = 'inductor', isolate: bool 
     compiled beside it ran through that entry, its graph split in two, after one recompile (found in
     ``benchmarks.compile``; tests/test_benchmarks.py shows both). A model compiled alone is what a user runs."""
     return torch.compile(model, backend=backend, isolate_recompiles=isolate)
+
+
+def compile_events(graphs_before: int) -> Dict[str, Any]:
+    """Graphs compiled since ``graphs_before`` (dynamo's ``unique_graphs``), and the recompiles among the frames
+    compiled since the last :func:`clear_compile_events`, with the guard failures that caused them (from dynamo's
+    compilation metrics: one record per frame compiled, a recompile names the guard that failed)."""
+    metrics = torch._dynamo.utils.get_compilation_metrics()
+    reasons = [m.recompile_reason for m in metrics if m.recompile_reason]
+    return {'graphs': torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before,
+            'recompiles': len(reasons), 'recompile_reasons': sorted({r.split('\n')[0][:160] for r in reasons})}
+
+
+def clear_compile_events() -> int:
+    """Start counting compile events afresh; returns the graph count to pass to :func:`compile_events`."""
+    torch._dynamo.utils.clear_compilation_metrics()
+    return torch._dynamo.utils.counters['stats']['unique_graphs']
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:

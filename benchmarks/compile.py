@@ -37,6 +37,8 @@ from benchmarks.common import (
     add_device_args,
     alternate,
     apply_device_args,
+    clear_compile_events,
+    compile_events,
     compile_isolated,
     create_sd,
     machine_info,
@@ -103,22 +105,6 @@ def build_model(model_name: str, variant: str, weights: Dict[str, torch.Tensor],
     model = prepare(create_sd(model_name, mode, weights, num_classes=10), device, channels_last)
     model.stochastic_depth.compile_blocks = compile_blocks
     return compile_isolated(model, backend, isolate) if compiled else model
-
-
-def compile_events(graphs_before: int) -> Dict[str, Any]:
-    """Graphs compiled since ``graphs_before`` (dynamo's ``unique_graphs``), and the recompiles among the frames
-    compiled since the last :func:`clear_compile_events`, with the guard failures that caused them (from dynamo's
-    compilation metrics: one record per frame compiled, a recompile names the guard that failed)."""
-    metrics = torch._dynamo.utils.get_compilation_metrics()
-    reasons = [m.recompile_reason for m in metrics if m.recompile_reason]
-    return {'graphs': torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs_before,
-            'recompiles': len(reasons), 'recompile_reasons': sorted({r.split('\n')[0][:160] for r in reasons})}
-
-
-def clear_compile_events() -> int:
-    """Start counting compile events afresh; returns the graph count to pass to :func:`compile_events`."""
-    torch._dynamo.utils.clear_compilation_metrics()
-    return torch._dynamo.utils.counters['stats']['unique_graphs']
 
 
 def warm_up(step: TrainStep, device: torch.device, calls: int = 3) -> Dict[str, Any]:

@@ -39,6 +39,8 @@ from benchmarks.common import (
     add_device_args,
     alternate,
     apply_device_args,
+    clear_compile_events,
+    compile_events,
     compile_isolated,
     create_sd,
     machine_info,
@@ -49,7 +51,6 @@ from benchmarks.common import (
     reproduce_command,
     write_results,
 )
-from benchmarks.compile import clear_compile_events, compile_events
 from benchmarks.train_step import target_check, targets_markdown
 
 BASELINE = 'constant depth'

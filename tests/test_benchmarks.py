@@ -175,14 +175,13 @@ def test_sample_mode_compiles_to_one_graph(tmp_path: Path) -> None:
 
 
 def test_compile_events_count_graphs_and_recompiles() -> None:
-    from benchmarks import compile as compile_bench
     torch._dynamo.reset()
     scaled = torch.compile(lambda x, k: x * k, backend='eager')
-    graphs = compile_bench.clear_compile_events()
+    graphs = common.clear_compile_events()
     scaled(torch.ones(2), 2)
-    assert compile_bench.compile_events(graphs)['recompiles'] == 0
+    assert common.compile_events(graphs)['recompiles'] == 0
     scaled(torch.ones(2), 3)  # an int is specialized on: a second value recompiles
-    events = compile_bench.compile_events(graphs)
+    events = common.compile_events(graphs)
     assert (events['graphs'], events['recompiles']) == (2, 1)
     assert events['recompile_reasons'] and 'k' in events['recompile_reasons'][0]
 
