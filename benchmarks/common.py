@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import statistics
 import sys
 import time
 import types
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import timm
@@ -207,7 +209,13 @@ def compile_isolated(model: nn.Module, backend: str = 'inductor', isolate: bool 
     isolation a call can match a frame compiled for another model: a block-mode model's ``forward`` breaks its
     graph at ``forward_features`` and so guards on nothing that tells the modes apart, and a constant-depth model
     compiled beside it ran through that entry, its graph split in two, after one recompile (found in
-    ``benchmarks.compile``; tests/test_benchmarks.py shows both). A model compiled alone is what a user runs."""
+    ``benchmarks.compile``; tests/test_benchmarks.py shows both). A model compiled alone is what a user runs.
+    A torch without the option (it came with 2.14) compiles without it, with a warning: the compile benchmark's
+    untimed round then shows whether the models met each other's entries."""
+    if 'isolate_recompiles' not in inspect.signature(torch.compile).parameters:
+        warnings.warn(f'torch {torch.__version__} has no torch.compile(isolate_recompiles=...): the compiled models '
+                      'of this benchmark share cache entries (install the pinned torch: make install)')
+        return torch.compile(model, backend=backend)
     return torch.compile(model, backend=backend, isolate_recompiles=isolate)
 
 
