@@ -267,6 +267,13 @@ class TrainStep:
         self.phases.append({'forward': t1 - t0, 'backward': t2 - t1, 'optimizer': time.perf_counter() - t2})
 
 
+def profile_table(step: TrainStep, rows: int = 12) -> str:
+    """The heaviest operators of one step (self CPU time), as torch.profiler prints them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows, max_name_column_width=60)
+
+
 def alternate(steps: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
               device: torch.device = torch.device('cpu'),
               after_each: Optional[Callable[[str, int], None]] = None) -> Dict[str, Dict[str, List[float]]]:

@@ -45,6 +45,7 @@ from benchmarks.common import (
     machine_line,
     markdown_table,
     prepare,
+    profile_table,
     ratio_table,
     reproduce_command,
     synchronize,
@@ -127,13 +128,6 @@ def settle(steps: Dict[str, TrainStep], device: torch.device) -> Dict[str, Any]:
         step()
     synchronize(device)
     return compile_events(graphs_before)
-
-
-def profile_table(step: TrainStep, rows: int = 12) -> str:
-    """The heaviest operators of one step (self CPU time), as torch.profiler prints them."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows, max_name_column_width=60)
 
 
 def measure_config(model_name: str, batch: int, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:

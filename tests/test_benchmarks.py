@@ -164,6 +164,7 @@ def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
     assert set(payload['variants']) == set(ddp.VARIANTS)
     # (a region may still compile its first graph while timed, when a block shape is first kept then)
     assert payload['compiled_while_timed']['recompiles'] == 0
+    assert set(payload['profiles']) == set(ddp.PROFILED) and all('Self CPU' in t for t in payload['profiles'].values())
 
 
 @pytest.mark.slow
