@@ -230,8 +230,10 @@ def compile_events(graphs_before: int) -> Dict[str, Any]:
 
 
 def clear_compile_events() -> int:
-    """Start counting compile events afresh; returns the graph count to pass to :func:`compile_events`."""
+    """Start counting compile events afresh (with room for every frame compiled: dynamo keeps a bounded number of
+    records); returns the graph count to pass to :func:`compile_events`."""
     torch._dynamo.utils.clear_compilation_metrics()
+    torch._dynamo.utils.set_compilation_metrics_limit(1_000_000)
     return torch._dynamo.utils.counters['stats']['unique_graphs']
 
 

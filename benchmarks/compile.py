@@ -166,7 +166,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
     info = machine_info(device)
-    torch._dynamo.utils.set_compilation_metrics_limit(1_000_000)  # every frame compiled is counted
     payload: Dict[str, Any] = {'machine': info, 'command': reproduce_command('compile', argv), 'clock': args.clock,
                                'flush_denormal': args.flush_denormal, 'bf16': args.bf16,
                                'channels_last': args.channels_last, 'torch': torch.__version__, 'configs': []}

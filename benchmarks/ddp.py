@@ -100,7 +100,6 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out_path: str) -> No
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
         torch.set_flush_denormal(args.flush_denormal)
-        torch._dynamo.utils.set_compilation_metrics_limit(1_000_000)  # every frame compiled is counted
         result = _measure(rank, args)
         if rank == 0:
             with open(out_path, 'w') as f:
