@@ -4,8 +4,8 @@ per-sample mask, on the same weights, timed side by side in one process.
 * Graphs: ``torch._dynamo.explain`` of a training forward of the whole model, per mode.
 * Variants (inductor): constant depth eager and compiled; block mode eager; block mode compiled with
   ``torch.compile(model)`` as a user writes it (``compile_blocks='regions'``, the default: stem and head compiled,
-  each kept block a compiled region shared by the blocks of its shape, the gates in Python behind one graph
-  break) and with ``compile_blocks='eager'`` (the gated blocks run eagerly); the per-sample mask (sample mode,
+  runs of kept blocks compiled as regions shared by the runs of their length and shape, the gates in Python
+  behind one graph break) and with ``compile_blocks='eager'`` (the gated blocks run eagerly); the per-sample mask (sample mode,
   timm DropPath-like) compiled whole.
 * Warm-up: wall seconds of the first three steps of each variant, inductor's on-disk cache emptied first
   (``--warm-cache`` keeps it); compiled graphs and recompiles counted per variant, in one untimed round of all

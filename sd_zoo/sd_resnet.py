@@ -62,12 +62,16 @@ torch.fx.wrap('gated_forward')
 # draw, block index and scale would be a guard and a recompile. So the blocks run behind a graph break: the stem
 # and the head are compiled, and the blocks run in one of two ways (``StochasticDepth.compile_blocks``):
 #
-# * 'regions' (default): each kept block's :meth:`_SDBlock.kept_act` (the whole block, its last activation
-#   included) is compiled as a region that every block of the same shape reuses (its scale is a 0-d tensor and it
-#   reads no block index, so no draw, block or scale value makes it recompile). Each block signature has its own copy of
-#   the code (dynamo keeps its compiled graphs per code object), with static graphs for up to two batch sizes (the
-#   batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them. The loop that calls
-#   the regions runs in frames dynamo skips for good (:func:`_skipped_frame`), so no block costs a Python callback.
+# * 'regions' (default): kept blocks run as compiled regions, each a run of consecutive kept blocks of one
+#   signature (:func:`_kept_run` over their :meth:`_SDBlock.kept_act`, the whole block, its last activation
+#   included), cut into runs of 4, 2 and 1 blocks; a region is shared by every run of its length and signature (the
+#   scales are 0-d tensors and it reads no block index, so no draw, block or scale value makes it recompile). Each
+#   (signature, length) has its own copy of the code (dynamo keeps its compiled graphs per code object): at most
+#   three regions per signature, compiled the first time a run of that length is kept, with static graphs for up
+#   to two batch sizes (the batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
+#   A run shares one call's fixed costs among its blocks (benchmarks/README.md, "torch.compile", attempts 9 and
+#   14). The loop that calls the regions runs in frames dynamo skips for good (:func:`_skipped_frame`), so no
+#   block costs a Python callback.
 # * 'eager': the blocks run as in eager mode.
 #
 # Either way a dropped block runs :meth:`_SDBlock.skip` eagerly and its branch not at all.
@@ -99,17 +103,19 @@ REGION_STATIC_BATCHES = 2  # batch sizes a region compiles static graphs for; a 
 
 
 class _Region:
-    """The compiled region of the blocks of one signature: its own copy of their ``kept_act``'s code, and the
-    batch sizes it has compiled static graphs for."""
+    """The compiled region of a run of ``length`` kept blocks of one signature: its own copy of
+    :func:`_kept_run`'s code, and the batch sizes it has compiled static graphs for."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], name: str):
         self.fn = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name)
         self.static_batches: Set[int] = set()
+        self.batches_seen: Set[int] = set()  # every batch size it ran on (static or not)
 
     def mark_batch(self, x: torch.Tensor) -> None:
         """Static graphs for the first ``REGION_STATIC_BATCHES`` batch sizes (inductor's kernels for a known
         batch are faster), a dynamic batch for any other: at most four graphs per input shape and dtype (the
         dynamic one twice, for an input that is a view, the output of a dropped block, and one that is not)."""
+        self.batches_seen.add(x.shape[0])
         if x.shape[0] in self.static_batches or len(self.static_batches) < REGION_STATIC_BATCHES:
             self.static_batches.add(x.shape[0])
             for t in (x, x._base):  # x is a view of its base after a dropped block (zero_grads_for)
@@ -123,7 +129,8 @@ class _Region:
             maybe_mark_dynamic(x, 0)
 
 
-_REGIONS: Dict[Tuple[Any, ...], _Region] = {}
+REGION_RUN_LENGTHS = (4, 2, 1)  # a run of kept identity blocks is cut into compiled calls of these lengths
+_REGIONS: Dict[Tuple[Any, ...], _Region] = {}  # by (block signature, run length)
 
 
 def reset_compiled_regions() -> None:
@@ -137,13 +144,22 @@ def region_key(block: '_SDBlock') -> Tuple[Any, ...]:
     return type(block), block.downsample is None, tuple((p.shape, p.dtype, p.device) for p in block.parameters())
 
 
+def _kept_run(blocks: Tuple['_SDBlock', ...], x: torch.Tensor, scales: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Kept blocks of one signature in a row, each whole (:meth:`_SDBlock.kept_act`): what a region compiles, one
+    graph for the run, so the activations between its blocks stay inside it."""
+    for block, scale in zip(blocks, scales):
+        x = block.kept_act(x, scale)
+    return x
+
+
 @torch.compiler.disable  # bookkeeping in Python, not traced
-def _region_for(block: '_SDBlock', x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The compiled region that runs ``block`` (kept) on ``x``, with ``x``'s batch marked static or dynamic."""
-    key = region_key(block)
+def _region_for(block: '_SDBlock', x: torch.Tensor, length: int = 1) -> Callable[..., torch.Tensor]:
+    """The compiled region that runs ``length`` kept blocks of ``block``'s signature on ``x``, with ``x``'s batch
+    marked static or dynamic."""
+    key = (region_key(block), length)
     region = _REGIONS.get(key)
     if region is None:
-        region = _REGIONS[key] = _Region(type(block).kept_act, f'kept_act_region_{len(_REGIONS)}')
+        region = _REGIONS[key] = _Region(_kept_run, f'kept_run_{length}_region_{len(_REGIONS)}')
     region.mark_batch(x)
     return region.fn
 
@@ -171,7 +187,8 @@ def _skipped_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
     ``disable(recursive=False)`` wraps ``fn``, and dynamo's Python callback runs on every call of it to find the
     wrapper on the stack (about 0.6 ms a call here, two dozen calls a step; benchmarks/README.md, "torch.compile",
     attempt 13). ``torch._dynamo.decorators.skip`` marks ``fn``'s code as skipped once, in dynamo's C frame
-    evaluation, where it costs nothing per call; the older API stands in where a torch lacks it."""
+    evaluation, where it costs nothing per call; the older API stands in where a torch lacks it. Every Python
+    function such a frame calls is offered to dynamo: helpers are skipped or disabled themselves."""
     try:
         from torch._dynamo.decorators import skip
     except ImportError:  # pragma: no cover - a torch without it
@@ -179,12 +196,58 @@ def _skipped_frame(fn: Callable[..., Any]) -> Callable[..., Any]:
     return skip(fn)
 
 
-@_skipped_frame  # this frame runs eagerly; the frames it calls (kept_act) are compiled
+_Call = Tuple[Tuple['_SDBlock', ...], Tuple[torch.Tensor, ...]]  # blocks in a row, and their scales (none: dropped)
+
+
+@torch.compiler.disable
+def _block_calls(model: 'SDResNet', x: torch.Tensor) -> List[_Call]:
+    """This step's draw as the calls that run the gated blocks, in order: a dropped block alone with no scale;
+    kept identity blocks of one signature in a row (a stage's, between its dropped blocks) cut into runs of
+    :data:`REGION_RUN_LENGTHS` blocks, longest first; a kept downsampling block alone. All gates are drawn at the
+    first (one draw per step), so ``x``, the blocks' input, serves them all: only its device and dtype are read."""
+    calls: List[_Call] = []
+    run: List[Tuple[_SDBlock, torch.Tensor]] = []
+
+    def flush() -> None:
+        start = 0
+        while start < len(run):
+            n = next(n for n in REGION_RUN_LENGTHS if n <= len(run) - start)
+            chunk = run[start:start + n]
+            calls.append((tuple(b for b, _ in chunk), tuple(s for _, s in chunk)))
+            start += n
+        run.clear()
+
+    for block in model.sd_blocks():
+        scale = _eager_gate(block, x)
+        if _is_dropped(scale):
+            flush()
+            calls.append(((block,), ()))
+        elif block.downsample is None and (not run or region_key(run[0][0]) == region_key(block)):
+            run.append((block, scale))
+        else:
+            flush()
+            if block.downsample is None:
+                run.append((block, scale))
+            else:
+                calls.append(((block,), (scale,)))
+    flush()
+    return calls
+
+
+@_skipped_frame  # this frame runs eagerly; the frames it calls (the regions) are compiled
 def _regional_blocks(model: 'SDResNet', x: torch.Tensor) -> torch.Tensor:
     x = _eager_stem_out(model, x)
-    for block in model.sd_blocks():
-        x = _regional_forward(block, x)
+    for blocks, scales in _block_calls(model, x):
+        x = _run_region(blocks, x, scales) if scales else _eager_skip(blocks[0], x)
     return x
+
+
+@_skipped_frame
+def _run_region(blocks: Tuple['_SDBlock', ...], x: torch.Tensor, scales: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    region = _region_for(blocks[0], x, len(blocks))
+    if blocks[0].grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(region, blocks, x, scales, use_reentrant=False)
+    return region(blocks, x, scales)
 
 
 @_skipped_frame
@@ -192,10 +255,7 @@ def _regional_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:
     scale = _eager_gate(block, x)
     if _is_dropped(scale):
         return _eager_skip(block, x)
-    region = _region_for(block, x)
-    if block.grad_checkpointing and torch.is_grad_enabled():
-        return checkpoint(region, block, x, scale, use_reentrant=False)
-    return region(block, x, scale)
+    return _run_region((block,), x, (scale,))
 
 
 def compiled_gated_forward(block: '_SDBlock', x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import sd_zoo  # noqa: F401
 from sd_zoo import sd_resnet
 
 MODEL = 'sd_resnet20_cifar'
-COMPILE_BLOCKS = ['regions', 'eager']  # the default (each kept block a compiled region per shape), and eager blocks
+COMPILE_BLOCKS = ['regions', 'eager']  # the default (runs of kept blocks as compiled regions), and eager blocks
 
 
 def make(compile_blocks: str, seed: int = 3) -> torch.nn.Module:
@@ -26,18 +26,41 @@ def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
+def possible_regions(model: torch.nn.Module) -> set:
+    """Every (block signature, run length) region a draw can use: a run of kept identity blocks of one signature
+    is cut into runs of ``REGION_RUN_LENGTHS``; a downsampling block runs alone."""
+    regions, group = set(), []
+    for block in list(model.sd_blocks()) + [None]:
+        if block is not None and block.downsample is None and (
+                not group or sd_resnet.region_key(group[0]) == sd_resnet.region_key(block)):
+            group.append(block)
+            continue
+        if group:
+            key = sd_resnet.region_key(group[0])
+            regions |= {(key, n) for n in sd_resnet.REGION_RUN_LENGTHS if n <= len(group)}
+        group = [block] if block is not None and block.downsample is None else []
+        if block is not None and block.downsample is not None:
+            regions.add((sd_resnet.region_key(block), 1))
+    return regions
+
+
 def warm_up(compiled: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             sizes=(None,)) -> None:
-    """Train steps until every block has run at least once at every batch size: 'regions' compiles a block
-    shape's region the first time a block of that shape is kept (once per shape, not per draw)."""
+    """Train steps until every block has run at least once at every batch size and, with 'regions', every region
+    has: a region (a run length of kept blocks of one shape) compiles the first time such a run is kept (once per
+    shape and length, not per draw)."""
+    expected = possible_regions(model) if model.stochastic_depth.compile_blocks == 'regions' else set()
     for n in sizes:
+        size = x[:n].shape[0]
         seen = [False] * model.stochastic_depth.num_blocks
-        for _ in range(30):
+        for _ in range(60):
             step(compiled, x[:n], y[:n])
             seen = [a or b for a, b in zip(seen, model.stochastic_depth.last_active)]
-            if all(seen):
+            ran = {key for key, r in sd_resnet._REGIONS.items() if size in r.batches_seen}
+            if all(seen) and ran == expected:
                 break
         assert all(seen)
+        assert {key for key, r in sd_resnet._REGIONS.items() if size in r.batches_seen} == expected
 
 
 @pytest.fixture(autouse=True)
@@ -77,8 +100,10 @@ def test_regions_are_static_for_two_batch_sizes_then_one_dynamic_graph():
     counters = torch._dynamo.utils.counters
     warm_up(compiled, model, x, y, sizes=(8, 6))
     regions = list(sd_resnet._REGIONS.values())
-    # one region per block signature: stage 1, and a downsampling and an identity block in stages 2 and 3
-    assert len(regions) == 5 and len({r.fn.__code__ for r in regions}) == 5
+    # five block signatures (stage 1, and a downsampling and an identity block in stages 2 and 3), three blocks
+    # a stage: identity runs of 1 and 2 blocks; each region its own code
+    assert {key for key, _ in sd_resnet._REGIONS} == {sd_resnet.region_key(b) for b in model.sd_blocks()}
+    assert len(regions) == 8 and len({r.fn.__code__ for r in regions}) == 8
     assert all(r.static_batches == {8, 6} for r in regions)
     graphs = counters['stats']['unique_graphs']
     warm_up(compiled, model, x, y, sizes=(4,))

@@ -79,16 +79,17 @@ _DYNAMIC_REGIONS: Dict[Any, Callable[..., torch.Tensor]] = {}
 
 
 @torch.compiler.disable
-def _region_for(block: nn.Module, x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The package's region for ``block``; for models marked ``dynamic_batch_regions``, a region of their own
-    with a dynamic batch, as before attempt 11. Their own: dynamo keeps compiled graphs per code object, and a
-    dynamic graph's guards accept any batch, so with shared code each variant could run the other's graphs."""
+def _region_for(block: nn.Module, x: torch.Tensor, length: int = 1) -> Callable[..., torch.Tensor]:
+    """The package's region for a run of ``length`` blocks like ``block``; for models marked
+    ``dynamic_batch_regions``, a region of their own with a dynamic batch, as before attempt 11. Their own: dynamo
+    keeps compiled graphs per code object, and a dynamic graph's guards accept any batch, so with shared code each
+    variant could run the other's graphs."""
     if not getattr(block.stochastic_depth, 'dynamic_batch_regions', False):
-        return _package_region_for(block, x)
-    key = sd_resnet.region_key(block)
+        return _package_region_for(block, x, length)
+    key = (sd_resnet.region_key(block), length)
     if key not in _DYNAMIC_REGIONS:
-        name = f'kept_act_dynamic_region_{len(_DYNAMIC_REGIONS)}'
-        _DYNAMIC_REGIONS[key] = sd_resnet._Region(type(block).kept_act, name).fn
+        name = f'kept_run_{length}_dynamic_region_{len(_DYNAMIC_REGIONS)}'
+        _DYNAMIC_REGIONS[key] = sd_resnet._Region(sd_resnet._kept_run, name).fn
     torch._dynamo.maybe_mark_dynamic(x, 0)
     return _DYNAMIC_REGIONS[key]
 
