@@ -268,24 +268,58 @@ def test_attempt_skipped_frames_rebuilds_the_callback_path(monkeypatch: pytest.M
     torch.manual_seed(0)
     eager = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
-    frames_per_step = {}
+    frames_per_step, warm_steps = {}, 8
     for callback_frames in (False, True):
         model = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
         model.load_state_dict(eager.state_dict())
         model.callback_frames = callback_frames
         compiled = torch.compile(model)
-        for _ in range(3):  # warm-up: the graphs compile (a region when one of its blocks is first kept)
+        for _ in range(warm_steps):  # warm-up: a region compiles when a run of its length is first kept
             F.cross_entropy(compiled(x), y).backward()
         before = torch._dynamo.utils.counters['frames']['total']
         F.cross_entropy(compiled(x), y).backward()
         frames_per_step[callback_frames] = torch._dynamo.utils.counters['frames']['total'] - before
-    for _ in range(4):  # the eager model draws what each compiled model drew
+    for _ in range(warm_steps + 1):  # the eager model draws what each compiled model drew
         F.cross_entropy(eager(x), y).backward()
     assert model.stochastic_depth.last_active == eager.stochastic_depth.last_active
     for (name, a), b in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert frames_per_step[False] == 0, frames_per_step
     assert frames_per_step[True] >= len(list(model.sd_blocks())), frames_per_step  # one a block at least
+
+
+@pytest.mark.slow
+def test_attempt_region_runs_rebuilds_one_block_a_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 14's 'before' variant trains like eager and runs one block a compiled call (length-1 regions only),
+    where the package's path runs kept blocks several to a call."""
+    import timm
+    import torch.nn.functional as F
+
+    from benchmarks.attempts import region_runs
+    from sd_zoo import sd_resnet
+    monkeypatch.setattr(sd_resnet, 'compiled_gated_blocks', region_runs._dispatch)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    lengths = {}
+    for one_block in (False, True):
+        sd_resnet.reset_compiled_regions()
+        model = timm.create_model(TINY, num_classes=10, drop_path_seed=5)
+        model.load_state_dict(eager.state_dict())
+        model.one_block_regions = one_block
+        compiled = torch.compile(model)
+        for _ in range(4):
+            F.cross_entropy(compiled(x), y).backward()
+        lengths[one_block] = {n for _, n in sd_resnet._REGIONS}
+    for _ in range(4):  # the eager model draws what each compiled model drew
+        F.cross_entropy(eager(x), y).backward()
+    assert model.stochastic_depth.last_active == eager.stochastic_depth.last_active
+    for (name, a), b in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert lengths[True] == {1}, lengths
+    assert max(lengths[False]) > 1, lengths
+    sd_resnet.reset_compiled_regions()
 
 
 def test_attempt_compiled_bound_prunes_to_what_block_mode_runs() -> None:

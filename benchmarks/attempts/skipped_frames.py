@@ -12,7 +12,8 @@ code, copied so that the copies are not marked skipped, behind ``disable(recursi
 and constant depth compiled alongside. The block-mode models have the same gate seed and step in lock-step, so in
 each round they run the same draw and their ratio per round is paired. Nothing here changes the package: the
 experiment swaps ``sd_zoo.sd_resnet.compiled_gated_blocks`` for a dispatcher that reads the model's
-``callback_frames`` attribute.
+``callback_frames`` attribute. Since attempt 14 the package's path also runs kept blocks several to a region, so a
+rerun of this script compares that too, not the frames alone; its committed results were taken before.
 
     python -m benchmarks.attempts.skipped_frames --channels-last --config sd_resnet56_cifar:64 --reps 15
 """
