@@ -62,13 +62,14 @@ torch.fx.wrap('gated_forward')
 # draw, block index and scale would be a guard and a recompile. So the blocks run behind a graph break: the stem
 # and the head are compiled, and the blocks run in one of two ways (``StochasticDepth.compile_blocks``):
 #
-# * 'regions' (default): kept blocks run as compiled regions, each a run of consecutive kept blocks of one
-#   signature (:func:`_kept_run` over their :meth:`_SDBlock.kept_act`, the whole block, its last activation
-#   included), cut into runs of 4, 2 and 1 blocks; a region is shared by every run of its length and signature (the
-#   scales are 0-d tensors and it reads no block index, so no draw, block or scale value makes it recompile). Each
-#   (signature, length) has its own copy of the code (dynamo keeps its compiled graphs per code object): at most
-#   three regions per signature, compiled the first time a run of that length is kept, with static graphs for up
-#   to two batch sizes (the batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
+# * 'regions' (default): kept blocks run as compiled regions, each a run of kept identity blocks of one signature
+#   (:func:`_kept_run` over their :meth:`_SDBlock.kept_act`, the whole block, its last activation included; a
+#   dropped identity block between them is the identity, so a stage's kept identity blocks form one run), cut into
+#   runs of 8, 4, 2 and 1 blocks; a region is shared by every run of its length and signature (the scales are 0-d
+#   tensors and it reads no block index, so no draw, block or scale value makes it recompile). Each (signature,
+#   length) has its own copy of the code (dynamo keeps its compiled graphs per code object): at most four regions
+#   per signature, compiled the first time a run of that length is kept, with static graphs for up to two batch
+#   sizes (the batch, and an epoch's smaller last one) and one graph with a dynamic batch beyond them.
 #   A run shares one call's fixed costs among its blocks (benchmarks/README.md, "torch.compile", attempts 9 and
 #   14). The loop that calls the regions runs in frames dynamo skips for good (:func:`_skipped_frame`), so no
 #   block costs a Python callback.
@@ -129,7 +130,7 @@ class _Region:
             maybe_mark_dynamic(x, 0)
 
 
-REGION_RUN_LENGTHS = (4, 2, 1)  # a run of kept identity blocks is cut into compiled calls of these lengths
+REGION_RUN_LENGTHS = (8, 4, 2, 1)  # a run of kept identity blocks is cut into compiled calls of these lengths
 _REGIONS: Dict[Tuple[Any, ...], _Region] = {}  # by (block signature, run length)
 
 
@@ -202,9 +203,10 @@ _Call = Tuple[Tuple['_SDBlock', ...], Tuple[torch.Tensor, ...]]  # blocks in a r
 @torch.compiler.disable
 def _block_calls(model: 'SDResNet', x: torch.Tensor) -> List[_Call]:
     """This step's draw as the calls that run the gated blocks, in order: a dropped block alone with no scale;
-    kept identity blocks of one signature in a row (a stage's, between its dropped blocks) cut into runs of
-    :data:`REGION_RUN_LENGTHS` blocks, longest first; a kept downsampling block alone. All gates are drawn at the
-    first (one draw per step), so ``x``, the blocks' input, serves them all: only its device and dtype are read."""
+    the kept identity blocks of one signature in a row, dropped identity blocks between them not counted (a stage's
+    kept identity blocks up to its next downsampling block), cut into runs of :data:`REGION_RUN_LENGTHS` blocks,
+    longest first; a kept downsampling block alone. All gates are drawn at the first (one draw per step), so
+    ``x``, the blocks' input, serves them all: only its device and dtype are read."""
     calls: List[_Call] = []
     run: List[Tuple[_SDBlock, torch.Tensor]] = []
 
@@ -220,7 +222,10 @@ def _block_calls(model: 'SDResNet', x: torch.Tensor) -> List[_Call]:
     for block in model.sd_blocks():
         scale = _eager_gate(block, x)
         if _is_dropped(scale):
-            flush()
+            if block.downsample is not None:
+                flush()
+            # a dropped identity block's output is its input (tied to its parameters' zero gradients): the run goes
+            # on past it, and its skip runs before the run's calls, which changes nothing they compute
             calls.append(((block,), ()))
         elif block.downsample is None and (not run or region_key(run[0][0]) == region_key(block)):
             run.append((block, scale))

@@ -143,9 +143,9 @@ class StochasticDepth:
         """How the blocks run under ``torch.compile`` in block mode: ``'regions'`` (default) or ``'eager'``.
 
         Either way the gates stay in Python behind one graph break, so no draw, block index or scale value makes
-        dynamo recompile, and a dropped block's branch is not run; ``'regions'`` compiles runs of consecutive kept
-        blocks of one shape (4, 2 or 1 blocks) as regions shared by all runs of that length and shape (at most
-        three compiles per block shape), ``'eager'`` runs the gated blocks
+        dynamo recompile, and a dropped block's branch is not run; ``'regions'`` compiles runs of a stage's kept
+        blocks of one shape (8, 4, 2 or 1 blocks) as regions shared by all runs of that length and shape (at
+        most four compiles per block shape), ``'eager'`` runs the gated blocks
         eagerly (the stem and head are compiled). See the README's recommendation per situation.
         """
         return self._compile_blocks

@@ -27,8 +27,9 @@ def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def possible_regions(model: torch.nn.Module) -> set:
-    """Every (block signature, run length) region a draw can use: a run of kept identity blocks of one signature
-    is cut into runs of ``REGION_RUN_LENGTHS``; a downsampling block runs alone."""
+    """Every (block signature, run length) region a draw can use: the kept identity blocks of one signature in a
+    row (dropped ones between them do not break the run) are cut into runs of ``REGION_RUN_LENGTHS``; a
+    downsampling block runs alone."""
     regions, group = set(), []
     for block in list(model.sd_blocks()) + [None]:
         if block is not None and block.downsample is None and (
@@ -232,3 +233,21 @@ def test_compile_blocks_must_be_known():
     model = make('eager')
     with pytest.raises(ValueError, match=r"compile_blocks='fast' is unknown: use one of \('regions', 'eager'\)"):
         model.stochastic_depth.compile_blocks = 'fast'
+
+
+def test_a_run_of_kept_blocks_spans_a_dropped_identity_block():
+    """A dropped identity block is the identity, so the kept blocks around it run as one region: stage 1 of
+    ResNet-20 with its middle block dropped runs blocks 1 and 3 in one call of length 2, with eager's gradients."""
+    schedule = [1.0] * 9
+    schedule[1] = 1e-9  # never kept
+    torch.manual_seed(0)
+    eager = timm.create_model(MODEL, num_classes=10, drop_path_schedule=schedule)
+    twin = copy.deepcopy(eager)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    step(eager, x, y)
+    step(torch.compile(twin), x, y)
+    assert eager.stochastic_depth.last_active == twin.stochastic_depth.last_active == [True, False] + [True] * 7
+    stage1 = sd_resnet.region_key(next(twin.sd_blocks()))
+    assert {n for key, n in sd_resnet._REGIONS if key == stage1} == {2}
+    for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -4,9 +4,11 @@ Through attempt 13 the package compiled each kept block as its own region: a ste
 compiled calls, each with its fixed costs (AOTAutograd's runtime wrappers forward and backward, dynamo's cache
 lookup and guards, the Python around it), which the DDP profiles put at about 23 ms a step. Attempt 9 showed
 that running consecutive kept blocks as one call saves part of it, at the price of a graph per run length. The
-package now cuts each run of kept identity blocks of one signature into runs of 4, 2 and 1 blocks
-(``sd_resnet.REGION_RUN_LENGTHS``): at most three regions per signature (11 for a CIFAR ResNet instead of 5), and
-about 18 calls a step for ResNet-110 instead of 40.
+package now runs kept identity blocks of one signature in a row as one call, cut into runs of
+``sd_resnet.REGION_RUN_LENGTHS`` blocks: first (4, 2, 1) with a dropped block ending a run, at most three regions
+per signature (11 for a CIFAR ResNet instead of 5) and about 18 calls a step for ResNet-110 instead of 40
+(simulated on the linear rule); then (8, 4, 2, 1) with runs going on past a dropped identity block (it is the
+identity), at most four regions per signature (14) and about 9 calls a step.
 
 This runs both on one set of weights: the package's path, and one block per region rebuilt here (the package's
 own single-block path, ``sd_resnet._regional_forward``, called block by block as before attempt 14), with block
@@ -44,7 +46,7 @@ from benchmarks.common import (
 from benchmarks.train_step import format_ratio, paired_ratio, target_check
 
 BASELINE = 'constant depth, compiled'
-RUNS = 'block compiled, runs of 4/2/1 kept blocks a region (the package)'
+RUNS = 'block compiled, runs of kept blocks a region (the package)'
 SINGLE = 'block compiled, one block a region (before attempt 14)'
 EAGER = 'block eager'
 
