@@ -209,6 +209,7 @@ def _block_calls(model: 'SDResNet', x: torch.Tensor) -> List[_Call]:
     ``x``, the blocks' input, serves them all: only its device and dtype are read."""
     calls: List[_Call] = []
     run: List[Tuple[_SDBlock, torch.Tensor]] = []
+    run_key = None
 
     def flush() -> None:
         start = 0
@@ -227,14 +228,15 @@ def _block_calls(model: 'SDResNet', x: torch.Tensor) -> List[_Call]:
             # a dropped identity block's output is its input (tied to its parameters' zero gradients): the run goes
             # on past it, and its skip runs before the run's calls, which changes nothing they compute
             calls.append(((block,), ()))
-        elif block.downsample is None and (not run or region_key(run[0][0]) == region_key(block)):
-            run.append((block, scale))
-        else:
+        elif block.downsample is not None:
             flush()
-            if block.downsample is None:
-                run.append((block, scale))
-            else:
-                calls.append(((block,), (scale,)))
+            calls.append(((block,), (scale,)))
+        else:
+            key = region_key(block)
+            if run and key != run_key:
+                flush()
+            run.append((block, scale))
+            run_key = key
     flush()
     return calls
 

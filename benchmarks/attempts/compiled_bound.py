@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import sd_zoo.sd_resnet as sd_resnet
+from benchmarks.attempts import cifar_batch
 from benchmarks.common import (
     TrainStep,
     alternate,
@@ -141,11 +142,7 @@ def build_steps(args: argparse.Namespace, device: torch.device, x: torch.Tensor,
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    x, y = cifar_batch(args, device)
     sd_resnet._region_for = _region_for
     built = build_steps(args, device, x, y)
     steps, kept = built['steps'], built['kept']

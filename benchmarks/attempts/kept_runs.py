@@ -25,6 +25,7 @@ import torch
 from torch._dynamo import maybe_mark_dynamic
 
 import sd_zoo.sd_resnet as sd_resnet
+from benchmarks.attempts import cifar_batch
 from benchmarks.common import (
     TrainStep,
     alternate,
@@ -114,11 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
     sd_resnet.compiled_gated_blocks = _dispatch
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    x, y = cifar_batch(args, device)
     weights = create_sd(args.model, 'off', num_classes=10).state_dict()
     steps: Dict[str, TrainStep] = {}
     for g in args.runs:

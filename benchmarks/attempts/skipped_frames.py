@@ -20,11 +20,12 @@ rerun of this script compares that too, not the frames alone; its committed resu
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
 import sd_zoo.sd_resnet as sd_resnet
+from benchmarks.attempts import cifar_batch, write_paired_attempt
 from benchmarks.common import (
     TrainStep,
     alternate,
@@ -33,16 +34,9 @@ from benchmarks.common import (
     code_copy,
     compile_isolated,
     create_sd,
-    machine_info,
-    machine_line,
-    markdown_table,
-    median,
     parse_attempt_args,
     prepare,
-    reproduce_command,
-    write_results,
 )
-from benchmarks.train_step import format_ratio, paired_ratio, target_check
 
 BASELINE = 'constant depth, compiled'
 SKIPPED = 'block compiled, skipped frames (the package)'
@@ -97,37 +91,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = apply_device_args(args)
     sd_resnet.compiled_gated_blocks = _dispatch
-    torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch,), device=device)
+    x, y = cifar_batch(args, device)
     steps = build_steps(args, device, x, y)
     times = alternate(steps, args.reps, warmup=3, device=device)[args.clock]
-    rows: List[List[str]] = []
-    per_variant: Dict[str, Any] = {}
-    for name in steps:
-        entry = {'median_s': median(times[name]),
-                 'vs_constant': target_check(times, name, BASELINE, 0.80, args.bootstrap)}
-        if name in (CALLBACK, EAGER):
-            entry['paired_skipped_vs_this'] = paired_ratio(times, SKIPPED, name, args.bootstrap)
-        per_variant[name] = entry
-        vs_c, pr = entry['vs_constant'], entry.get('paired_skipped_vs_this')
-        rows.append([name, format_ratio(vs_c), format_ratio(pr) if pr else '-',
-                     f"{entry['median_s']:.3f}"])
-    payload = {'machine': machine_info(device), 'command': reproduce_command('attempts.skipped_frames', argv),
-               'model': args.model, 'batch': args.batch, 'reps': args.reps, 'clock': args.clock,
-               'channels_last': args.channels_last, 'times_s': times, 'per_variant': per_variant}
-    markdown = '\n'.join([
-        f"Measured on {machine_line(payload['machine'])}.", '',
-        f"Reproduce: `{payload['command']}`", '',
-        f'**Attempt 13: skipped frames instead of a callback per block**, {args.model}, batch {args.batch}, '
-        f'{args.reps} rounds, {args.clock} time, 95% bootstrap intervals', '',
-        markdown_table(['variant', 'vs constant depth compiled (ratio of medians)',
-                        'skipped frames / this variant (paired, same draws)', f'median {args.clock} s'], rows), ''])
-    write_results(args.out, f'attempt_skipped_frames_{args.tag or device.type}_{args.model}_b{args.batch}',
-                  payload, markdown)
-    return payload
+    return write_paired_attempt(
+        args, argv, device, times, script='skipped_frames',
+        title='Attempt 13: skipped frames instead of a callback per block', baseline=BASELINE, reference=SKIPPED,
+        compared=(CALLBACK, EAGER), key='paired_skipped_vs_this',
+        paired_header='skipped frames / this variant (paired, same draws)')
 
 
 if __name__ == '__main__':
