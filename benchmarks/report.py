@@ -4,6 +4,7 @@ Run from the repository root after the benchmarks::
 
     python -m benchmarks.report                 # reads and writes benchmarks/results/*_cpu.*
     python -m benchmarks.report --tag cuda
+    python -m benchmarks.report --more-compile cpu_r110_b128_241   # adds a further compile run's rows
 """
 from __future__ import annotations
 
@@ -48,7 +49,15 @@ def train_rows(train: Dict[str, Any]) -> List[List[str]]:
     return rows
 
 
-def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optional[Dict[str, Any]]) -> str:
+def compile_rows(comp: Dict[str, Any]) -> List[List[str]]:
+    return [[f"compiled training step, {res['model']} b{res['batch']} ({res['reps']} rounds): {name}", format_ratio(t)]
+            for res in comp.get('configs', []) for name, t in res['targets'].items()]
+
+
+def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optional[Dict[str, Any]],
+             more_compile: Sequence[Dict[str, Any]] = ()) -> str:
+    """The headline tables; ``more_compile``: further compile runs (say, longer runs of one config), listed after
+    ``comp``'s rows, each row naming its run's rounds."""
     parts = [train[k] for k in ('cifar', 'imagenet') if k in train]
     clock = train['settings']['clock']
     head = ['training step vs constant depth'] + [
@@ -65,9 +74,9 @@ def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optiona
     if comp:
         extra.append([f"torch.compile graphs of a training forward, {comp['graphs_model']}: off / sample / block",
                       ' / '.join(str(comp['graphs'][m]['graphs']) for m in ('off', 'sample', 'block'))])
-        for res in comp.get('configs', []):
-            for name, t in res['targets'].items():
-                extra.append([f"compiled training step, {res['model']} b{res['batch']}: {name}", format_ratio(t)])
+        extra.extend(compile_rows(comp))
+    for run in more_compile:
+        extra.extend(compile_rows(run))
     if extra:
         text += '\n' + markdown_table(['other measurements', 'value'], extra)
     return text
@@ -89,21 +98,34 @@ def target_check(long: Dict[str, Any]) -> str:
             f"in brackets the 95% bootstrap interval):\n\n" + markdown_table(['quantity', 'value'], rows))
 
 
+def report_command(args: argparse.Namespace) -> str:
+    return ' '.join(['python -m benchmarks.report --tag', args.tag] + [f'--more-compile {t}' for t in args.more_compile])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--out', default=RESULTS_DIR)
     parser.add_argument('--tag', default='cpu')
+    parser.add_argument('--more-compile', action='append', default=[], metavar='TAG',
+                        help='also list the targets of compile_TAG.json, a further compile run (repeatable)')
     args = parser.parse_args(argv)
     train = _load(args.out, 'train_step', args.tag)
     if train is None:
         raise SystemExit(f'no train_step_{args.tag}.json in {args.out}: run `python -m benchmarks.train_step` first')
     ddp, comp = _load(args.out, 'ddp', args.tag), _load(args.out, 'compile', args.tag)
     long = _load(args.out, 'train_step', f'{args.tag}_long')
-    commands = [r['command'] for r in (train, ddp, comp, long) if r]
+    more = []
+    for tag in args.more_compile:
+        run = _load(args.out, 'compile', tag)
+        if run is None:
+            raise SystemExit(f'--more-compile {tag}: no compile_{tag}.json in {args.out}; run `python -m '
+                             f'benchmarks.compile --tag {tag}` first, or drop the option')
+        more.append(run)
+    commands = [r['command'] for r in (train, ddp, comp, *more, long) if r]
     clock = train['settings']['clock']
-    text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n" + headline(train, ddp, comp)
+    text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n" + headline(train, ddp, comp, more)
             + (target_check(long) if long and 'accounting' in long['cifar'] else '')
-            + '\nReproduce:\n\n```\n' + '\n'.join(commands + [f'python -m benchmarks.report --tag {args.tag}'])
+            + '\nReproduce:\n\n```\n' + '\n'.join(commands + [report_command(args)])
             + '\n```\n')
     write_text_atomic(os.path.join(args.out, f'summary_{args.tag}.md'), text)
     print(text)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import sys
 from pathlib import Path
 
@@ -373,6 +374,18 @@ def test_committed_summary_is_rendered_from_the_committed_results(tmp_path: Path
     results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
     for path in results.glob('*.json'):
         shutil.copy(path, tmp_path / path.name)
-    rendered = report.main(['--out', str(tmp_path)])
-    assert rendered == (results / 'summary_cpu.md').read_text(), \
+    summary = (results / 'summary_cpu.md').read_text()
+    # rendered with the options its own reproduce line names (say, a further compile run's tag)
+    command = [line for line in summary.splitlines() if line.startswith('python -m benchmarks.report')]
+    assert len(command) == 1, 'summary_cpu.md names no `python -m benchmarks.report` command to reproduce it'
+    rendered = report.main(shlex.split(command[0])[3:] + ['--out', str(tmp_path)])
+    assert rendered == summary, \
         'benchmarks/results/summary_cpu.md is stale: run `python -m benchmarks.report`, then `python -m tools.readme`'
+
+
+def test_report_names_a_missing_further_compile_run(tmp_path: Path) -> None:
+    results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+    (tmp_path / 'train_step_cpu.json').write_text((results / 'train_step_cpu.json').read_text())
+    with pytest.raises(SystemExit, match='--more-compile nosuch: no compile_nosuch.json'):
+        report.main(['--out', str(tmp_path), '--more-compile', 'nosuch'])
+    assert not (tmp_path / 'summary_cpu.md').exists()
