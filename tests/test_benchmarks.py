@@ -380,7 +380,7 @@ def test_committed_summary_is_rendered_from_the_committed_results(tmp_path: Path
     assert len(command) == 1, 'summary_cpu.md names no `python -m benchmarks.report` command to reproduce it'
     rendered = report.main(shlex.split(command[0])[3:] + ['--out', str(tmp_path)])
     assert rendered == summary, \
-        'benchmarks/results/summary_cpu.md is stale: run `python -m benchmarks.report`, then `python -m tools.readme`'
+        f'benchmarks/results/summary_cpu.md is stale: run `{command[0]}`, then `python -m tools.readme`'
 
 
 def test_report_names_a_missing_further_compile_run(tmp_path: Path) -> None:
