@@ -17,7 +17,8 @@ intervals of the ratio of medians.
 
 Run from the repository root::
 
-    python -m benchmarks.ddp            # sd_resnet110_cifar, 32 images per rank
+    python -m benchmarks.ddp                      # sd_resnet110_cifar, 32 images per rank
+    python -m benchmarks.ddp --batch-per-rank 64  # the paper's recipe on two ranks (global batch 128)
     python -m benchmarks.ddp --quick
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ VARIANTS = {  # label -> (drop_path_mode, drop_path_grad, find_unused_parameters
     COMPILED_BASELINE: ('off', 'zero', False, True),
     'sd_zoo block, compiled': ('block', 'zero', False, True),
 }
+GATE_SEED = 1234  # rank r seeds its gates GATE_SEED + r; rank 0's state is broadcast at the first draw
+WARMUP_ROUNDS = 3  # untimed rounds: a compiled block shape is compiled the first time one of its blocks is kept
 PROFILED = (BASELINE, 'sd_zoo block', COMPILED_BASELINE, 'sd_zoo block, compiled')
 TARGETS = (  # (name, numerator, denominator, at most): issue 13, point 3
     ('block vs constant depth, eager (plain DDP)', 'sd_zoo block', BASELINE, 0.80),
@@ -114,7 +117,7 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     steps, sds = {}, {}
     for label, (mode, dropped_grad, find_unused, compiled) in VARIANTS.items():
         # each rank seeds its gates differently (as timm's train.py does): the first draw broadcasts rank 0's
-        model = create_sd(args.model, mode, weights, seed=1234 + rank, num_classes=10, drop_path_grad=dropped_grad)
+        model = create_sd(args.model, mode, weights, seed=GATE_SEED + rank, num_classes=10, drop_path_grad=dropped_grad)
         prepare(model, torch.device('cpu'), args.channels_last)
         sds[label] = model.stochastic_depth
         ddp = DistributedDataParallel(model, find_unused_parameters=find_unused)
@@ -128,16 +131,17 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     for step in steps.values():
         step.x, step.y = x, y
     mismatches: List[int] = []
+    kept: Dict[str, List[int]] = {label: [] for label, v in VARIANTS.items() if v[0] == 'block'}
 
     def after_each(label: str, rep: int) -> None:
-        if VARIANTS[label][0] == 'block':
+        if label in kept:
             gathered: List[Any] = [None] * args.world_size
             dist.all_gather_object(gathered, sds[label].last_active)
             mismatches.append(sum(g != gathered[0] for g in gathered))
+            kept[label].append(sum(gathered[0]))
         dist.barrier()  # every timed step starts with the ranks aligned
 
-    # three warm-up rounds: a compiled block shape is compiled the first time one of its blocks is kept
-    alternate(steps, 0, warmup=3)
+    alternate(steps, 0, warmup=WARMUP_ROUNDS)
     graphs_before = clear_compile_events()
     times = alternate(steps, args.reps, warmup=0, after_each=after_each)
     per_rank: List[Any] = [None] * args.world_size
@@ -155,8 +159,19 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     # one profiled step of each variant a target names (both ranks step, rank 0's table is kept): where the time
     # goes, shown in the results when a target is missed
     profiles = {label: profile_table(steps[label]) for label in PROFILED}
-    return {'times_s': slowest, 'rank_gate_mismatches': sum(mismatches),
+    block_sd = sds[next(iter(kept))]
+    realized = {'expected': block_sd.expected_depth, 'of': block_sd.num_blocks, 'per_variant': {
+        label: sum(counts) / len(counts) for label, counts in kept.items() if counts}}
+    return {'times_s': slowest, 'rank_gate_mismatches': sum(mismatches), 'kept_blocks': realized,
             'compiled_while_timed': compiled_while_timed, 'profiles': profiles}
+
+
+def kept_blocks_text(kept: Dict[str, Any]) -> str:
+    """', kept 41.2 of 54 blocks a step on average (expected 40.25)': what the timed block-mode steps ran (the
+    variants share one gate seed, so one draw sequence); a ratio reads high or low by as much as this differs."""
+    means = sorted(set(round(m, 2) for m in kept['per_variant'].values()))
+    return (f", kept {' / '.join(f'{m:.2f}' for m in means)} of {kept['of']} blocks a step on average "
+            f"(expected {kept['expected']:.2f})") if means else ''
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -185,7 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 f"**DDP, {args.world_size} CPU processes (gloo)**, {args.model}, {args.batch_per_rank} images "
                 f"per rank{', channels_last' if args.channels_last else ''}, {payload['threads_per_rank']} torch thread(s) "
                 f"per rank, median of {args.reps} "
-                f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step; "
+                f"(slowest rank per step); both ranks dropped the same blocks in every block-mode step"
+                f"{kept_blocks_text(measured['kept_blocks'])}; "
                 f"compiled while timed (all ranks): "
                 f"{payload['compiled_while_timed']['graphs']} graphs, "
                 f"{payload['compiled_while_timed']['recompiles']} recompiles\n\n"

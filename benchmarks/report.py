@@ -5,6 +5,7 @@ Run from the repository root after the benchmarks::
     python -m benchmarks.report                 # reads and writes benchmarks/results/*_cpu.*
     python -m benchmarks.report --tag cuda
     python -m benchmarks.report --more-compile cpu_r110_b128_241   # adds a further compile run's rows
+    python -m benchmarks.report --more-ddp cpu_b64                 # adds a further DDP run's rows
 """
 from __future__ import annotations
 
@@ -54,10 +55,15 @@ def compile_rows(comp: Dict[str, Any]) -> List[List[str]]:
             for res in comp.get('configs', []) for name, t in res['targets'].items()]
 
 
+def ddp_rows(ddp: Dict[str, Any]) -> List[List[str]]:
+    return [[f"DDP, {ddp['world_size']} CPU ranks, {ddp['model']}, {ddp['batch_per_rank']} images a rank "
+             f"({ddp['reps']} rounds): {name}", format_ratio(t)] for name, t in ddp.get('targets', {}).items()]
+
+
 def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optional[Dict[str, Any]],
-             more_compile: Sequence[Dict[str, Any]] = ()) -> str:
-    """The headline tables; ``more_compile``: further compile runs (say, longer runs of one config), listed after
-    ``comp``'s rows, each row naming its run's rounds."""
+             more_compile: Sequence[Dict[str, Any]] = (), more_ddp: Sequence[Dict[str, Any]] = ()) -> str:
+    """The headline tables; ``more_compile`` and ``more_ddp``: further compile and DDP runs (say, longer runs of one
+    config, or another batch), listed after ``comp``'s and ``ddp``'s rows, each row naming its run's rounds."""
     parts = [train[k] for k in ('cifar', 'imagenet') if k in train]
     clock = train['settings']['clock']
     head = ['training step vs constant depth'] + [
@@ -71,6 +77,9 @@ def headline(train: Dict[str, Any], ddp: Optional[Dict[str, Any]], comp: Optiona
     if ddp:
         for label in ('constant depth, find_unused_parameters', 'sd_zoo block, find_unused_parameters'):
             extra.append([f"DDP, 2 CPU ranks, {ddp['model']}: {label}", _ratio(ddp['variants'][label], ddp['clock'])])
+        extra.extend(ddp_rows(ddp))
+    for run in more_ddp:
+        extra.extend(ddp_rows(run))
     if comp:
         extra.append([f"torch.compile graphs of a training forward, {comp['graphs_model']}: off / sample / block",
                       ' / '.join(str(comp['graphs'][m]['graphs']) for m in ('off', 'sample', 'block'))])
@@ -99,7 +108,20 @@ def target_check(long: Dict[str, Any]) -> str:
 
 
 def report_command(args: argparse.Namespace) -> str:
-    return ' '.join(['python -m benchmarks.report --tag', args.tag] + [f'--more-compile {t}' for t in args.more_compile])
+    return ' '.join(['python -m benchmarks.report --tag', args.tag] + [f'--more-compile {t}' for t in args.more_compile]
+                    + [f'--more-ddp {t}' for t in args.more_ddp])
+
+
+def _load_more(out: str, name: str, tags: Sequence[str]) -> List[Dict[str, Any]]:
+    """The further runs ``--more-{name} TAG`` names; a missing one is an error that names the command making it."""
+    runs = []
+    for tag in tags:
+        run = _load(out, name, tag)
+        if run is None:
+            raise SystemExit(f'--more-{name} {tag}: no {name}_{tag}.json in {out}; run `python -m '
+                             f'benchmarks.{name} --tag {tag}` first, or drop the option')
+        runs.append(run)
+    return runs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
@@ -108,22 +130,20 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     parser.add_argument('--tag', default='cpu')
     parser.add_argument('--more-compile', action='append', default=[], metavar='TAG',
                         help='also list the targets of compile_TAG.json, a further compile run (repeatable)')
+    parser.add_argument('--more-ddp', action='append', default=[], metavar='TAG',
+                        help='also list the targets of ddp_TAG.json, a further DDP run (repeatable)')
     args = parser.parse_args(argv)
     train = _load(args.out, 'train_step', args.tag)
     if train is None:
         raise SystemExit(f'no train_step_{args.tag}.json in {args.out}: run `python -m benchmarks.train_step` first')
     ddp, comp = _load(args.out, 'ddp', args.tag), _load(args.out, 'compile', args.tag)
     long = _load(args.out, 'train_step', f'{args.tag}_long')
-    more = []
-    for tag in args.more_compile:
-        run = _load(args.out, 'compile', tag)
-        if run is None:
-            raise SystemExit(f'--more-compile {tag}: no compile_{tag}.json in {args.out}; run `python -m '
-                             f'benchmarks.compile --tag {tag}` first, or drop the option')
-        more.append(run)
-    commands = [r['command'] for r in (train, ddp, comp, *more, long) if r]
+    more_compile = _load_more(args.out, 'compile', args.more_compile)
+    more_ddp = _load_more(args.out, 'ddp', args.more_ddp)
+    commands = [r['command'] for r in (train, ddp, *more_ddp, comp, *more_compile, long) if r]
     clock = train['settings']['clock']
-    text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n" + headline(train, ddp, comp, more)
+    text = (f"Ratios of medians ({clock} time) on {machine_line(train['machine'])}.\n\n"
+            + headline(train, ddp, comp, more_compile, more_ddp)
             + (target_check(long) if long and 'accounting' in long['cifar'] else '')
             + '\nReproduce:\n\n```\n' + '\n'.join(commands + [report_command(args)])
             + '\n```\n')

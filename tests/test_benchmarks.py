@@ -160,8 +160,18 @@ def test_saved_activation_bytes_counts_inputs_not_parameters() -> None:
 @pytest.mark.slow
 def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
     from benchmarks import ddp
-    payload = ddp.main(['--quick', '--reps', '1', '--keep-denormals', '--out', str(tmp_path)])
+    reps = 2
+    payload = ddp.main(['--quick', '--reps', str(reps), '--keep-denormals', '--out', str(tmp_path)])
     assert payload['rank_gate_mismatches'] == 0
+    # the blocks the timed steps kept: rank 0's gate sequence after the warm-up draws, in every block variant
+    sd = common.create_sd(TINY, 'block', seed=ddp.GATE_SEED, num_classes=10).stochastic_depth
+    survival = torch.tensor(sd.survival, dtype=torch.float64)
+    draws = [int((torch.rand(sd.num_blocks, generator=sd.generator, dtype=torch.float64) < survival).sum())
+             for _ in range(ddp.WARMUP_ROUNDS + reps)][ddp.WARMUP_ROUNDS:]
+    kept = payload['kept_blocks']
+    assert kept['of'] == sd.num_blocks and kept['expected'] == pytest.approx(sd.expected_depth)
+    assert kept['per_variant'] == {label: sum(draws) / reps for label, v in ddp.VARIANTS.items() if v[0] == 'block'}
+    assert f"kept {sum(draws) / reps:.2f} of {sd.num_blocks} blocks" in (tmp_path / 'ddp_cpu.md').read_text()
     assert set(payload['variants']) == set(ddp.VARIANTS)
     # (a region may still compile its first graph while timed, when a block shape is first kept then)
     assert payload['compiled_while_timed']['recompiles'] == 0
@@ -388,4 +398,25 @@ def test_report_names_a_missing_further_compile_run(tmp_path: Path) -> None:
     (tmp_path / 'train_step_cpu.json').write_text((results / 'train_step_cpu.json').read_text())
     with pytest.raises(SystemExit, match='--more-compile nosuch: no compile_nosuch.json'):
         report.main(['--out', str(tmp_path), '--more-compile', 'nosuch'])
+    with pytest.raises(SystemExit, match=r'--more-ddp nosuch: no ddp_nosuch.json .* `python -m benchmarks.ddp --tag'):
+        report.main(['--out', str(tmp_path), '--more-ddp', 'nosuch'])
     assert not (tmp_path / 'summary_cpu.md').exists()
+
+
+def test_report_lists_a_further_ddp_run_with_its_batch_and_rounds(tmp_path: Path) -> None:
+    results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+    (tmp_path / 'train_step_cpu.json').write_text((results / 'train_step_cpu.json').read_text())
+    ddp = json.loads((results / 'ddp_cpu.json').read_text())
+    ddp_rows = {name: report.format_ratio(t) for name, t in ddp['targets'].items()}
+    other = dict(ddp, batch_per_rank=7, reps=3, command='python -m benchmarks.ddp --batch-per-rank 7 --tag cpu_b7')
+    other['targets'] = {name: dict(t, ratio=t['ratio'] / 2) for name, t in ddp['targets'].items()}
+    (tmp_path / 'ddp_cpu.json').write_text(json.dumps(ddp))
+    (tmp_path / 'ddp_cpu_b7.json').write_text(json.dumps(other))
+    summary = report.main(['--out', str(tmp_path), '--more-ddp', 'cpu_b7'])
+    for name, t in other['targets'].items():
+        assert f"| DDP, 2 CPU ranks, {ddp['model']}, 7 images a rank (3 rounds): {name} | {report.format_ratio(t)} |" \
+            in summary
+    for name, text in ddp_rows.items():
+        assert f"{ddp['batch_per_rank']} images a rank ({ddp['reps']} rounds): {name} | {text} |" in summary
+    assert 'python -m benchmarks.ddp --batch-per-rank 7 --tag cpu_b7' in summary
+    assert 'python -m benchmarks.report --tag cpu --more-ddp cpu_b7' in summary
