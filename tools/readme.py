@@ -91,12 +91,18 @@ def _recommended(times: Dict[str, Sequence[float]], default: str, others: Sequen
     return min(clearly, key=lambda o: median(times[o])) if clearly else default
 
 
+DDP_RUNS = (  # (results file, what its workload is): each measured DDP workload gets its own row
+    ('ddp_cpu.json', ''),
+    ('ddp_cpu_b64.json', ": the paper's recipe, global batch 128, on two ranks"),
+)
+
+
 def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> str:
     """One recommendation per situation (mode, and whether to compile), chosen from the measured results files:
     the project's default way unless another measured variant is clearly faster (:func:`_recommended`); a situation
     without a results file says that it is not measured."""
     rows = ['| situation | recommendation | measured (ratio of medians, 95% interval) |', '|---|---|---|']
-    comp_path, ddp_path = results / 'compile_cpu.json', results / 'ddp_cpu.json'
+    comp_path = results / 'compile_cpu.json'
     if comp_path.exists():
         comp = _read_json(comp_path)
         for res in comp['configs']:
@@ -113,8 +119,10 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
             vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
             rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
                         f"compiled: {format_ratio(t)}, {t['verdict']}) |")
-    if ddp_path.exists():
-        ddp = _read_json(ddp_path)
+    for ddp_name, workload in DDP_RUNS:
+        if not (results / ddp_name).exists():
+            continue
+        ddp = _read_json(results / ddp_name)
         v, clock = ddp['variants'], ddp['clock']
         advice = {'sd_zoo block': "block mode under plain DDP (`drop_path_grad='zero'`, the default), not compiled",
                   'sd_zoo block, compiled': '`torch.compile(DDP(model))` (`--compile`)',
@@ -122,7 +130,8 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
         default = 'sd_zoo block'
         best = _recommended(ddp['times_s'][clock], default, [label for label in advice if label != default and label in v])
         measured = '; '.join(f"{name}: {format_ratio(t)}, {t['verdict']}" for name, t in ddp.get('targets', {}).items())
-        rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}) | {advice[best]} | {measured} |")
+        rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}, {ddp['batch_per_rank']} images a rank"
+                    f"{workload}) | {advice[best]} | {measured} |")
     for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
         if not (results / name).exists():
             rows.append(f"| {situation} | not measured yet (no GPU here; the GPU check is owed): block mode; "
