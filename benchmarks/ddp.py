@@ -167,7 +167,7 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def kept_blocks_text(kept: Dict[str, Any]) -> str:
-    """', kept 41.2 of 54 blocks a step on average (expected 40.25)': what the timed block-mode steps ran (the
+    """', kept 41.23 of 54 blocks a step on average (expected 40.25)': what the timed block-mode steps ran (the
     variants share one gate seed, so one draw sequence); a ratio reads high or low by as much as this differs."""
     means = sorted(set(round(m, 2) for m in kept['per_variant'].values()))
     return (f", kept {' / '.join(f'{m:.2f}' for m in means)} of {kept['of']} blocks a step on average "

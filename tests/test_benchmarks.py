@@ -164,10 +164,13 @@ def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
     payload = ddp.main(['--quick', '--reps', str(reps), '--keep-denormals', '--out', str(tmp_path)])
     assert payload['rank_gate_mismatches'] == 0
     # the blocks the timed steps kept: rank 0's gate sequence after the warm-up draws, in every block variant
+    # (replayed by the package's own draw: each training forward's first gate call draws every block's gate)
     sd = common.create_sd(TINY, 'block', seed=ddp.GATE_SEED, num_classes=10).stochastic_depth
-    survival = torch.tensor(sd.survival, dtype=torch.float64)
-    draws = [int((torch.rand(sd.num_blocks, generator=sd.generator, dtype=torch.float64) < survival).sum())
-             for _ in range(ddp.WARMUP_ROUNDS + reps)][ddp.WARMUP_ROUNDS:]
+    draws = []
+    for _ in range(ddp.WARMUP_ROUNDS + reps):
+        sd.gate(0, torch.empty(1), training=True)
+        draws.append(sum(sd.last_active))
+    draws = draws[ddp.WARMUP_ROUNDS:]
     kept = payload['kept_blocks']
     assert kept['of'] == sd.num_blocks and kept['expected'] == pytest.approx(sd.expected_depth)
     assert kept['per_variant'] == {label: sum(draws) / reps for label, v in ddp.VARIANTS.items() if v[0] == 'block'}

@@ -50,6 +50,7 @@ def test_recommendation_needs_a_difference_beyond_the_noise():
 
 def test_each_measured_ddp_workload_gets_its_own_recommendation(tmp_path):
     """A DDP results file of tools.readme.DDP_RUNS gets a row naming its batch a rank; a missing one gets none."""
+    import json
     import shutil
     from pathlib import Path
     results = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
@@ -57,7 +58,6 @@ def test_each_measured_ddp_workload_gets_its_own_recommendation(tmp_path):
     shutil.copy(results / 'ddp_cpu_b64.json', tmp_path / 'ddp_cpu_b64.json')
     rows = [r for r in readme.compile_recommendation(tmp_path).splitlines() if 'DDP processes' in r]
     assert len(rows) == 1 and "64 images a rank: the paper's recipe" in rows[0]
-    import json
     run = json.loads((results / 'ddp_cpu_b64.json').read_text())
     best = readme._recommended(run['times_s'][run['clock']], 'sd_zoo block',
                                ['sd_zoo block, compiled', 'sd_zoo block, find_unused_parameters'])
