@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -423,3 +425,26 @@ def test_report_lists_a_further_ddp_run_with_its_batch_and_rounds(tmp_path: Path
         assert f"{ddp['batch_per_rank']} images a rank ({ddp['reps']} rounds): {name} | {text} |" in summary
     assert 'python -m benchmarks.ddp --batch-per-rank 7 --tag cpu_b7' in summary
     assert 'python -m benchmarks.report --tag cpu --more-ddp cpu_b7' in summary
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.sh --cpu-smoke``: the GPU check's own commands (bf16, channels_last, both benchmarks,
+    the report) at small sizes on the CPU, so the script cannot rot before a GPU's device time is spent on it."""
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.sh'
+    env = dict(os.environ, OUT=str(tmp_path))
+    done = subprocess.run(['bash', str(script), '--cpu-smoke'], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    step = json.loads((tmp_path / 'train_step_cpu_smoke.json').read_text())
+    assert step['machine']['device'] == 'cpu'
+    assert step['settings']['bf16'] and step['settings']['channels_last']
+    assert step['cifar']['variants']['sd_zoo block']['cpu_ratio'] > 0
+    compiled = json.loads((tmp_path / 'compile_cpu_smoke.json').read_text())
+    assert compiled['bf16'] and compiled['channels_last']
+    (config,) = compiled['configs']
+    assert (config['model'], config['batch'], config['reps']) == ('sd_resnet20_cifar', 8, 2)
+    assert config['while_timed']['recompiles'] == 0
+    summary = (tmp_path / 'summary_cpu_smoke.md').read_text()
+    assert 'compiled training step, sd_resnet20_cifar b8 (2 rounds)' in summary
+    bad = subprocess.run(['bash', str(script), '--bogus'], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and 'usage: bash benchmarks/gpu_check.sh [--cpu-smoke]' in bad.stderr
