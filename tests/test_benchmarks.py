@@ -163,8 +163,9 @@ def test_saved_activation_bytes_counts_inputs_not_parameters() -> None:
 def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
     from benchmarks import ddp
     reps = 2
-    payload = ddp.main(['--quick', '--reps', str(reps), '--keep-denormals', '--out', str(tmp_path)])
+    payload = ddp.main(['--quick', '--reps', str(reps), '--keep-denormals', '--without-ddp', '--out', str(tmp_path)])
     assert payload['rank_gate_mismatches'] == 0
+    variants = {**ddp.VARIANTS, **ddp.UNSYNCED}
     # the blocks the timed steps kept: rank 0's gate sequence after the warm-up draws, in every block variant
     # (replayed by the package's own draw: each training forward's first gate call draws every block's gate)
     sd = common.create_sd(TINY, 'block', seed=ddp.GATE_SEED, num_classes=10).stochastic_depth
@@ -175,9 +176,18 @@ def test_ddp_two_ranks_drop_the_same_blocks(tmp_path: Path) -> None:
     draws = draws[ddp.WARMUP_ROUNDS:]
     kept = payload['kept_blocks']
     assert kept['of'] == sd.num_blocks and kept['expected'] == pytest.approx(sd.expected_depth)
-    assert kept['per_variant'] == {label: sum(draws) / reps for label, v in ddp.VARIANTS.items() if v[0] == 'block'}
-    assert f"kept {sum(draws) / reps:.2f} of {sd.num_blocks} blocks" in (tmp_path / 'ddp_cpu.md').read_text()
-    assert set(payload['variants']) == set(ddp.VARIANTS)
+    assert kept['per_variant'] == {label: sum(draws) / reps for label, v in variants.items() if v[0] == 'block'}
+    markdown = (tmp_path / 'ddp_cpu.md').read_text()
+    assert f"kept {sum(draws) / reps:.2f} of {sd.num_blocks} blocks" in markdown
+    assert set(payload['variants']) == set(variants)
+    assert payload['synchronized'] == {label: label not in ddp.UNSYNCED for label in variants}
+    # --without-ddp: the ratios that separate DDP's own cost from two processes sharing the machine
+    cpu = payload['times_s']['cpu']
+    assert list(payload['diagnostics']) == [name for name, _, _ in ddp.DIAGNOSTICS]
+    for name, num, den in ddp.DIAGNOSTICS:
+        diagnostic = payload['diagnostics'][name]
+        assert diagnostic['ratio'] == pytest.approx(common.median(cpu[num]) / common.median(cpu[den]))
+        assert f'| {name} | {report.format_ratio(diagnostic)} |' in markdown
     # (a region may still compile its first graph while timed, when a block shape is first kept then)
     assert payload['compiled_while_timed']['recompiles'] == 0
     assert set(payload['profiles']) == set(ddp.PROFILED) and all('Self CPU' in t for t in payload['profiles'].values())
@@ -425,6 +435,14 @@ def test_report_lists_a_further_ddp_run_with_its_batch_and_rounds(tmp_path: Path
         assert f"{ddp['batch_per_rank']} images a rank ({ddp['reps']} rounds): {name} | {text} |" in summary
     assert 'python -m benchmarks.ddp --batch-per-rank 7 --tag cpu_b7' in summary
     assert 'python -m benchmarks.report --tag cpu --more-ddp cpu_b7' in summary
+
+
+def test_ddp_times_unwrapped_models_only_when_asked() -> None:
+    from benchmarks import ddp
+    assert ddp.variants_of(ddp.parse_args([])) == ddp.VARIANTS
+    assert ddp.variants_of(ddp.parse_args(['--without-ddp'])) == {**ddp.VARIANTS, **ddp.UNSYNCED}
+    assert {num for _, num, _ in ddp.DIAGNOSTICS} | {den for _, _, den in ddp.DIAGNOSTICS} <= {
+        *ddp.VARIANTS, *ddp.UNSYNCED}
 
 
 @pytest.mark.slow
