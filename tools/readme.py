@@ -12,7 +12,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import timm
 import torch
@@ -97,28 +97,38 @@ DDP_RUNS = (  # (results file, what its workload is): each measured DDP workload
 )
 
 
+def _compile_rows(comp: Dict[str, Any], situation: str) -> List[str]:
+    """The eager and the compiled recommendation of each config of a compile benchmark's results."""
+    rows = []
+    for res in comp['configs']:
+        v, clock = res['variants'], comp['clock']
+        where = f"{res['model']}, batch {res['batch']}"
+        eager = v['sd_zoo block, eager'][f'{clock}_median_s'] / v['constant depth, eager'][f'{clock}_median_s']
+        rows.append(f"| {situation}, eager ({where}) | block mode (the default) | {eager:.3f}x constant depth, eager |")
+        advice = {'sd_zoo block, eager': 'do not compile: eager block mode is faster here',
+                  'sd_zoo block, compiled': "`torch.compile(model)` (`--compile`; compiled regions, the default)",
+                  'sd_zoo block, compiled, eager blocks': "`torch.compile(model)` with `compile_blocks='eager'`"}
+        default = 'sd_zoo block, compiled'
+        best = _recommended(res['times_s'][clock], default, [label for label in advice if label != default])
+        t = res['targets']['block compiled vs constant depth compiled']
+        vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
+        rows.append(f"| {situation}, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
+                    f"compiled: {format_ratio(t)}, {t['verdict']}) |")
+    return rows
+
+
 def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> str:
     """One recommendation per situation (mode, and whether to compile), chosen from the measured results files:
     the project's default way unless another measured variant is clearly faster (:func:`_recommended`); a situation
     without a results file says that it is not measured."""
     rows = ['| situation | recommendation | measured (ratio of medians, 95% interval) |', '|---|---|---|']
-    comp_path = results / 'compile_cpu.json'
-    if comp_path.exists():
-        comp = _read_json(comp_path)
-        for res in comp['configs']:
-            v, clock = res['variants'], comp['clock']
-            where = f"{res['model']}, batch {res['batch']}"
-            eager = v['sd_zoo block, eager'][f'{clock}_median_s'] / v['constant depth, eager'][f'{clock}_median_s']
-            rows.append(f"| CPU, eager ({where}) | block mode (the default) | {eager:.3f}x constant depth, eager |")
-            advice = {'sd_zoo block, eager': 'do not compile: eager block mode is faster here',
-                      'sd_zoo block, compiled': "`torch.compile(model)` (`--compile`; compiled regions, the default)",
-                      'sd_zoo block, compiled, eager blocks': "`torch.compile(model)` with `compile_blocks='eager'`"}
-            default = 'sd_zoo block, compiled'
-            best = _recommended(res['times_s'][clock], default, [label for label in advice if label != default])
-            t = res['targets']['block compiled vs constant depth compiled']
-            vs = v[best][f'{clock}_median_s'] / v['constant depth, compiled'][f'{clock}_median_s']
-            rows.append(f"| CPU, compiled ({where}) | {advice[best]} | {vs:.3f}x constant depth, compiled (block "
-                        f"compiled: {format_ratio(t)}, {t['verdict']}) |")
+    if (results / 'compile_cpu.json').exists():
+        rows += _compile_rows(_read_json(results / 'compile_cpu.json'), 'CPU')
+    gpu = results / 'compile_gpu.json'  # written by benchmarks/gpu_check.sh
+    if gpu.exists():
+        comp = _read_json(gpu)
+        precision = ', bf16' if comp.get('bf16') else ''
+        rows += _compile_rows(comp, f"one GPU ({comp['machine'].get('gpu', 'GPU')}{precision})")
     for ddp_name, workload in DDP_RUNS:
         if not (results / ddp_name).exists():
             continue
@@ -132,7 +142,7 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
         measured = '; '.join(f"{name}: {format_ratio(t)}, {t['verdict']}" for name, t in ddp.get('targets', {}).items())
         rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}, {ddp['batch_per_rank']} images a rank"
                     f"{workload}) | {advice[best]} | {measured} |")
-    for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
+    for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):  # (DDP: gloo only)
         if not (results / name).exists():
             rows.append(f"| {situation} | not measured yet (no GPU here; the GPU check is owed): block mode; "
                         f"`--compile` compiles the kept blocks as regions (the default) | - |")
