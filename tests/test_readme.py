@@ -93,3 +93,12 @@ def test_a_gpu_compile_run_gets_its_own_recommendation_rows(tmp_path):
     assert gpu_rows[1].startswith(f'| one GPU (NVIDIA H100 80GB HBM3, bf16), compiled ({where}) |')
     assert f'(block compiled: {readme.format_ratio(t)}, {t["verdict"]}) |' in gpu_rows[1]
     assert any(r.startswith('| several GPUs | not measured yet') for r in rows)
+
+
+def test_the_gpu_summary_follows_the_cpu_one_once_written(tmp_path):
+    """summary_gpu.md (benchmarks/gpu_check.sh) is rendered after summary_cpu.md; without it only the CPU one."""
+    (tmp_path / 'summary_cpu.md').write_text('cpu table\n')
+    assert readme.benchmark_table(tmp_path) == 'cpu table'
+    (tmp_path / 'summary_gpu.md').write_text('Ratios of medians (wall time) on NVIDIA H100 80GB HBM3\n')
+    rendered = readme.benchmark_table(tmp_path)
+    assert rendered.startswith('cpu table\n\nOn a GPU') and rendered.endswith('on NVIDIA H100 80GB HBM3')

@@ -79,8 +79,13 @@ def paper_table() -> str:
     return '\n'.join(rows)
 
 
-def benchmark_table(path: Path = ROOT / 'benchmarks' / 'results' / 'summary_cpu.md') -> str:
-    return path.read_text().strip() if path.exists() else '_No benchmark results are committed yet._'
+def benchmark_table(results: Path = ROOT / 'benchmarks' / 'results') -> str:
+    """The CPU summary, and the GPU one after it once ``benchmarks/gpu_check.sh`` has written it."""
+    cpu, gpu = results / 'summary_cpu.md', results / 'summary_gpu.md'
+    text = cpu.read_text().strip() if cpu.exists() else '_No benchmark results are committed yet._'
+    if gpu.exists():
+        text += '\n\nOn a GPU (`bash benchmarks/gpu_check.sh`, bf16 and channels_last):\n\n' + gpu.read_text().strip()
+    return text
 
 
 def _recommended(times: Dict[str, Sequence[float]], default: str, others: Sequence[str]) -> str:
