@@ -177,7 +177,7 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
     # which variants' weights stayed identical on every rank (DDP's do; the unwrapped ones' drift apart)
     checksums: List[Any] = [None] * args.world_size
     sums = {label: [float(p.detach().double().sum()) for p in step.optimizer.param_groups[0]['params']]
-               for label, step in steps.items()}
+            for label, step in steps.items()}
     dist.all_gather_object(checksums, sums)
     synchronized = {label: all(c[label] == checksums[0][label] for c in checksums) for label in steps}
     # one profiled step of each variant a target names (both ranks step, rank 0's table is kept): where the time
