@@ -51,14 +51,13 @@ from benchmarks.common import (
     machine_info,
     machine_line,
     markdown_table,
-    median,
     prepare,
     profile_table,
     ratio_table,
     reproduce_command,
     write_results,
 )
-from benchmarks.train_step import format_ratio, ratio_interval, target_check, targets_markdown
+from benchmarks.train_step import format_ratio, ratio_check, target_check, targets_markdown
 
 BASELINE = 'constant depth'
 COMPILED_BASELINE = 'constant depth, compiled'
@@ -176,8 +175,7 @@ def _measure(rank: int, args: argparse.Namespace) -> Dict[str, Any]:
             slowest[clock][label] = t.tolist()
     # which variants' weights stayed identical on every rank (DDP's do; the unwrapped ones' drift apart)
     checksums: List[Any] = [None] * args.world_size
-    sums = {label: [float(p.detach().double().sum()) for p in step.optimizer.param_groups[0]['params']]
-            for label, step in steps.items()}
+    sums = {label: [float(p.detach().double().sum()) for p in step.model.parameters()] for label, step in steps.items()}
     dist.all_gather_object(checksums, sums)
     synchronized = {label: all(c[label] == checksums[0][label] for c in checksums) for label in steps}
     # one profiled step of each variant a target names (both ranks step, rank 0's table is kept): where the time
@@ -219,9 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     table = ratio_table(measured['times_s'], BASELINE)
     times = measured['times_s'][args.clock]
     targets = {name: target_check(times, num, den, target) for name, num, den, target in TARGETS}
-    diagnostics = {name: {'ratio': median(times[num]) / median(times[den]),
-                          'interval_95': ratio_interval(times, num, den, resamples=2000)}
-                   for name, num, den in DIAGNOSTICS if args.without_ddp}
+    diagnostics = {name: ratio_check(times, num, den) for name, num, den in DIAGNOSTICS if args.without_ddp}
     payload = {'machine': info, 'command': reproduce_command('ddp', argv), 'model': args.model,
                'batch_per_rank': args.batch_per_rank, 'world_size': args.world_size, 'reps': args.reps,
                'clock': args.clock, 'flush_denormal': args.flush_denormal, 'channels_last': args.channels_last,

@@ -17,7 +17,7 @@ case "${1:-}" in
         SIZES=(--imagenet-batch 64)  # sd_resnet110_cifar b128 and sd_resnet152 b64, 224 px
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
         ;;
-    --cpu-smoke)  # never writes into benchmarks/results: these are no GPU figures
+    --cpu-smoke)  # a temporary folder unless $OUT says otherwise, and its own tag: these are no GPU figures
         OUT=${OUT:-$(mktemp -d)}
         DEVICE=cpu TAG=cpu_smoke CONFIG=sd_resnet20_cifar:8 REPS=2 STEP_LIMIT=300 COMPILE_LIMIT=600
         SIZES=(--quick)

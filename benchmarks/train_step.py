@@ -301,12 +301,16 @@ def paired_ratio(times: Dict[str, List[float]], num: str, den: str, resamples: i
     return {'ratio': median(ratios), 'interval_95': [percentile(boot, 2.5), percentile(boot, 97.5)]}
 
 
+def ratio_check(times: Dict[str, List[float]], num: str, den: str, resamples: int = 2000) -> Dict[str, Any]:
+    """Ratio of medians num / den with its 95% bootstrap interval."""
+    return {'ratio': median(times[num]) / median(times[den]), 'interval_95': ratio_interval(times, num, den, resamples)}
+
+
 def target_check(times: Dict[str, List[float]], num: str, den: str, target: float,
                  resamples: int = 2000) -> Dict[str, Any]:
-    """Ratio of medians num / den with its 95% bootstrap interval, and the verdict against ``target`` (at most)."""
-    interval = ratio_interval(times, num, den, resamples)
-    return {'ratio': median(times[num]) / median(times[den]), 'interval_95': interval, 'target': target,
-            'verdict': verdict(interval, target)}
+    """:func:`ratio_check`, and the verdict against ``target`` (at most)."""
+    check = ratio_check(times, num, den, resamples)
+    return {**check, 'target': target, 'verdict': verdict(check['interval_95'], target)}
 
 
 def format_ratio(check: Dict[str, Any]) -> str:

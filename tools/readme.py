@@ -147,7 +147,8 @@ def compile_recommendation(results: Path = ROOT / 'benchmarks' / 'results') -> s
         measured = '; '.join(f"{name}: {format_ratio(t)}, {t['verdict']}" for name, t in ddp.get('targets', {}).items())
         rows.append(f"| CPU, {ddp['world_size']} DDP processes ({ddp['model']}, {ddp['batch_per_rank']} images a rank"
                     f"{workload}) | {advice[best]} | {measured} |")
-    for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):  # (DDP: gloo only)
+    # (benchmarks.ddp runs gloo CPU processes only, so nothing writes ddp_gpu.json yet)
+    for situation, name in (('one GPU', 'compile_gpu.json'), ('several GPUs', 'ddp_gpu.json')):
         if not (results / name).exists():
             rows.append(f"| {situation} | not measured yet (no GPU here; the GPU check is owed): block mode; "
                         f"`--compile` compiles the kept blocks as regions (the default) | - |")
